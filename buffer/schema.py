@@ -1,0 +1,90 @@
+"""The one Rollout record: made by actors, stored by the buffer, read by the learner.
+
+One row is one generation (a prompt plus one sampled response). A *group* is the
+n generations sampled for the same prompt occurrence; group-relative objectives
+(GRPO, AGRO, REINFORCE with a group baseline) need every member of a group, so
+the buffer only ever serves whole groups.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+ROLLOUT_SCHEMA = pa.schema(
+    [
+        pa.field("rollout_id", pa.string(), nullable=False),  # unique per generation
+        pa.field("prompt_id", pa.string(), nullable=False),  # the data set's id of the prompt
+        pa.field("group_id", pa.string(), nullable=False),  # unique per (prompt, sampling occurrence)
+        pa.field("group_size", pa.int32(), nullable=False),  # n: members the group must have
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),  # (prompt_len + T,)
+        pa.field("prompt_len", pa.int32(), nullable=False),
+        pa.field("behaviour_logprobs", pa.list_(pa.float32()), nullable=False),  # (T,) under the sampling distribution
+        pa.field("token_versions", pa.list_(pa.int64()), nullable=False),  # (T,) policy version per response token
+        pa.field("reward", pa.float32(), nullable=False),
+        pa.field("policy_version", pa.int64(), nullable=False),  # oldest version that produced a token
+        pa.field("generator_id", pa.string(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),  # "stop" | "length" | "abort"
+        pa.field("t_start", pa.float64(), nullable=False),  # unix time sampling started
+        pa.field("t_end", pa.float64(), nullable=False),  # unix time the reward was computed
+        pa.field("response_text", pa.string(), nullable=False),
+        pa.field("reward_info", pa.string(), nullable=False),  # "" or why the reward is what it is (e.g. "nan")
+    ]
+)
+
+
+@dataclass
+class Rollout:
+    """One generation with everything an off-policy objective needs to learn from it."""
+
+    rollout_id: str
+    prompt_id: str
+    group_id: str
+    group_size: int
+    token_ids: list[int]  # (prompt_len + T,) prompt then response
+    prompt_len: int
+    behaviour_logprobs: list[float]  # (T,) log mu(y_t | ...) under the distribution actually sampled
+    reward: float
+    policy_version: int
+    generator_id: str
+    finish_reason: str
+    t_start: float
+    t_end: float
+    response_text: str = ""
+    reward_info: str = ""
+    token_versions: list[int] = field(default_factory=list)  # (T,); filled from policy_version if empty
+
+    def __post_init__(self) -> None:
+        n_resp = len(self.token_ids) - self.prompt_len
+        if self.prompt_len < 0 or n_resp < 0:
+            raise ValueError(f"rollout {self.rollout_id}: prompt_len {self.prompt_len} > {len(self.token_ids)} tokens")
+        if len(self.behaviour_logprobs) != n_resp:
+            raise ValueError(
+                f"rollout {self.rollout_id}: {len(self.behaviour_logprobs)} behaviour log-probs for {n_resp} response tokens"
+            )
+        if not self.token_versions:
+            self.token_versions = [self.policy_version] * n_resp
+        elif len(self.token_versions) != n_resp:
+            raise ValueError(f"rollout {self.rollout_id}: {len(self.token_versions)} token versions for {n_resp} tokens")
+
+    @property
+    def response_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+
+_FIELDS = [f.name for f in ROLLOUT_SCHEMA]
+assert sorted(_FIELDS) == sorted(f.name for f in dataclasses.fields(Rollout)), "schema and dataclass disagree"
+
+
+def rollouts_to_arrow(rollouts: list[Rollout]) -> pa.RecordBatch:
+    """Rows to one record batch against ROLLOUT_SCHEMA (raises on a type mismatch)."""
+    columns = {name: [getattr(r, name) for r in rollouts] for name in _FIELDS}
+    return pa.RecordBatch.from_pydict(columns, schema=ROLLOUT_SCHEMA)
+
+
+def rollouts_from_arrow(data: pa.RecordBatch | pa.Table) -> list[Rollout]:
+    """A batch or table with ROLLOUT_SCHEMA back to rows."""
+    if not data.schema.equals(ROLLOUT_SCHEMA):
+        data = data.select(_FIELDS).cast(ROLLOUT_SCHEMA)
+    return [Rollout(**row) for row in data.to_pylist()]
