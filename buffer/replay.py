@@ -1,0 +1,309 @@
+"""ReplayBuffer: whole groups of rollouts as Arrow record batches, with staleness admission,
+a samples-per-insert limiter, bounded memory, persistence and metrics.
+
+Plain and thread-safe (one threading.Condition): the Ray shell in buffer/actor.py runs it with
+max_concurrency > 1 so a sample blocked waiting for data does not block the puts that bring it.
+All waiting happens in Condition.wait, which releases the lock.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from buffer import persist, sampler
+from buffer.config import BufferConfig
+from buffer.groups import GroupAssembler, GroupEntry, advantage_score, as_rollout_batch, split_groups
+from buffer.limits import Admission, RateLimiter, RateMeter
+
+DROP_REASONS = ("stale_at_put", "stale_at_sample", "evicted_unsampled")
+
+
+class ReplayBuffer:
+    """The replay buffer of one run. See BufferConfig for every setting."""
+
+    def __init__(self, cfg: BufferConfig, groups_per_step: int, run_dir: str | None = None) -> None:
+        if cfg.samples_per_insert is not None and 2 * cfg.spi_tolerance < groups_per_step + cfg.samples_per_insert:
+            # Below this the limiter can block inserts and a full step's sample at the same time: deadlock.
+            raise ValueError(
+                f"buffer.spi_tolerance={cfg.spi_tolerance} too small: needs >= (groups_per_step + samples_per_insert)"
+                f" / 2 = {(groups_per_step + cfg.samples_per_insert) / 2}"
+            )
+        if groups_per_step > cfg.capacity_groups:
+            raise ValueError(f"groups_per_step={groups_per_step} exceeds buffer.capacity_groups={cfg.capacity_groups}")
+        self.cfg = cfg
+        self.groups_per_step = groups_per_step
+        self.run_dir = run_dir
+        self._cond = threading.Condition()
+        self._rng = np.random.default_rng(cfg.seed)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        cfg = self.cfg
+        self._groups: dict[str, GroupEntry] = {}  # insertion ordered
+        self._bytes = 0
+        self._rows = 0
+        self._assembler = GroupAssembler()
+        self._admission = Admission(cfg.max_staleness, self.groups_per_step, cfg.staleness_policy == "admission")
+        self._limiter = RateLimiter(cfg.samples_per_insert, cfg.spi_tolerance, cfg.min_size_groups)
+        self._learner_version = 0
+        self._checked_version = 0  # learner version the held groups were last checked for staleness at
+        self._next_seq = 0
+        self._drops: collections.Counter[str] = collections.Counter({r: 0 for r in DROP_REASONS})
+        self._staleness_hist: collections.Counter[int] = collections.Counter()
+        self._counts: collections.Counter[str] = collections.Counter()  # evicted_sampled, served_offline, ...
+        self._blocked = {"insert": 0.0, "sample": 0.0, "admit": 0.0}
+        self._insert_rate = RateMeter(cfg.rate_window_s)
+        self._sample_rate = RateMeter(cfg.rate_window_s)
+
+    # ---- generator side -------------------------------------------------------------------------
+
+    def try_admit(self, n_groups: int) -> bool:
+        """Whether a generator may start n_groups more groups now (counts them if so); False = wait."""
+        with self._cond:
+            return self._admission.try_admit(n_groups, self._learner_version)
+
+    def admit(self, n_groups: int, timeout: float | None = None) -> bool:
+        """try_admit that waits (until set_learner_version makes room) up to timeout seconds."""
+        with self._cond:
+            return self._wait(lambda: self._admission.try_admit(n_groups, self._learner_version), timeout, "admit")
+
+    def release(self, n_groups: int) -> None:
+        """Give back admission slots of groups that will never arrive (actor died, prompts skipped)."""
+        with self._cond:
+            self._admission.release(n_groups)
+            self._cond.notify_all()
+
+    def put(self, batch: pa.RecordBatch | pa.Table, timeout: float | None = None) -> int:
+        """Store the whole groups in batch; returns groups stored. Parts of groups wait for the rest.
+
+        Blocks while the samples-per-insert limiter says inserts are too far ahead; raises
+        TimeoutError after timeout seconds of that.
+        """
+        parts = split_groups(as_rollout_batch(batch))  # outside the lock: producers validate in parallel
+        with self._cond:
+            if not self._wait(self._limiter.can_insert, timeout, "insert"):
+                raise TimeoutError(
+                    f"ReplayBuffer.put (insert side) blocked {timeout}s by the samples_per_insert limiter "
+                    f"(inserts={self._limiter.inserts}, samples={self._limiter.samples}): is the learner sampling?"
+                )
+            stored = self._add_parts(parts, offline=False)
+            self._cond.notify_all()
+        return stored
+
+    def load_offline(self, path: str) -> int:
+        """Add rollouts from Parquet/JSONL files as offline groups (see buffer/offline.py); returns groups stored.
+
+        Offline groups hold no admission slot, are exempt from the staleness bound and do not wait for
+        the limiter (they do count as inserts for it).
+        """
+        from buffer.offline import read_offline
+
+        parts = split_groups(as_rollout_batch(read_offline(path)))
+        with self._cond:
+            stored = self._add_parts(parts, offline=True)
+            self._cond.notify_all()
+        return stored
+
+    def _add_parts(self, parts: list[tuple[str, pa.RecordBatch]], offline: bool) -> int:
+        for group_id, part in parts:  # checked before anything is stored, so a bad batch changes nothing
+            if group_id in self._groups:
+                raise ValueError(f"group {group_id} is already complete in the buffer; got {part.num_rows} more rows")
+        stored = 0
+        for group_id, part in parts:
+            group = self._assembler.add(group_id, part)
+            if group is not None:
+                stored += self._store(group_id, group, offline)
+        self._evict_to_capacity()
+        return stored
+
+    def _store(self, group_id: str, group: pa.RecordBatch, offline: bool) -> int:
+        version = int(min(group.column("policy_version").to_pylist()))
+        if not offline and self._learner_version - version > self.cfg.max_staleness:
+            self._drop_unserved(reason="stale_at_put", offline=offline)
+            return 0
+        entry = GroupEntry(group_id, group, version, self._next_seq, offline, advantage_score(group))
+        self._next_seq += 1
+        self._add_entry(entry)
+        self._limiter.inserts += 1
+        self._insert_rate.add(1)
+        return 1
+
+    def _add_entry(self, entry: GroupEntry) -> None:
+        self._groups[entry.group_id] = entry
+        self._bytes += entry.nbytes
+        self._rows += entry.batch.num_rows
+
+    def _remove(self, entry: GroupEntry) -> None:
+        del self._groups[entry.group_id]
+        self._bytes -= entry.nbytes
+        self._rows -= entry.batch.num_rows
+
+    def _drop_unserved(self, reason: str, offline: bool) -> None:
+        self._drops[reason] += 1
+        if not offline:
+            # The learner still needs a group in its place: give the admission slot back or generation stalls.
+            self._admission.release(1)
+
+    def _evict_to_capacity(self) -> None:
+        cap_bytes = self.cfg.capacity_bytes
+        while len(self._groups) > self.cfg.capacity_groups or (cap_bytes is not None and self._bytes > cap_bytes):
+            if len(self._groups) <= 1:  # one group larger than capacity_bytes is kept rather than lost
+                break
+            entry = sampler.victim(list(self._groups.values()), self.cfg)
+            self._remove(entry)
+            if entry.times_served == 0:
+                self._drop_unserved("evicted_unsampled", entry.offline)
+            else:
+                self._counts["evicted_sampled"] += 1
+
+    # ---- learner side ---------------------------------------------------------------------------
+
+    def set_learner_version(self, version: int) -> None:
+        """The learner finished `version` steps; wakes generators waiting for admission."""
+        with self._cond:
+            self._learner_version = max(self._learner_version, int(version))
+            self._cond.notify_all()
+
+    def sample(self, n_groups: int, learner_version: int, timeout: float | None = None) -> pa.RecordBatch | None:
+        """n_groups whole groups as ONE record batch (rows of a group contiguous); None on timeout.
+
+        Waits until n_groups groups are held, min_size_groups is reached and the limiter allows.
+        Groups staler than max_staleness at learner_version are dropped (and counted) first.
+        """
+        if not 1 <= n_groups <= self.cfg.capacity_groups:
+            raise ValueError(f"n_groups must be in [1, capacity_groups={self.cfg.capacity_groups}], got {n_groups}")
+        with self._cond:
+            self._learner_version = max(self._learner_version, int(learner_version))
+            self._cond.notify_all()
+            if not self._wait(lambda: self._can_sample(n_groups), timeout, "sample"):
+                return None
+            chosen = sampler.choose(list(self._groups.values()), n_groups, self.cfg, self._rng)
+            batches = [self._serve(entry) for entry in chosen]
+            self._limiter.samples += n_groups
+            self._sample_rate.add(n_groups)
+            self._cond.notify_all()
+        return pa.concat_batches(batches)  # the one copy, outside the lock
+
+    def _can_sample(self, n_groups: int) -> bool:
+        self._drop_stale()
+        size = len(self._groups)
+        return size >= max(n_groups, self.cfg.min_size_groups) and self._limiter.can_sample(n_groups)
+
+    def _drop_stale(self) -> None:
+        if self._checked_version == self._learner_version:
+            return  # groups are checked on arrival, so only a new learner version can make one stale
+        self._checked_version = self._learner_version
+        bound = self._learner_version - self.cfg.max_staleness
+        for entry in [e for e in self._groups.values() if not e.offline and e.policy_version < bound]:
+            self._remove(entry)
+            if entry.times_served == 0:
+                self._drop_unserved("stale_at_sample", offline=False)
+            else:
+                self._counts["expired_sampled"] += 1
+
+    def _serve(self, entry: GroupEntry) -> pa.RecordBatch:
+        entry.times_served += 1
+        if entry.offline:
+            self._counts["served_offline"] += 1
+        else:
+            self._staleness_hist[self._learner_version - entry.policy_version] += 1
+        if entry.times_served >= self.cfg.max_reuse:
+            self._remove(entry)
+        return entry.batch
+
+    # ---- shared ---------------------------------------------------------------------------------
+
+    def _wait(self, ready, timeout: float | None, side: str) -> bool:
+        """Condition.wait_for that accounts the blocked time to `side`; call with the lock held."""
+        if ready():
+            return True
+        t0 = time.monotonic()
+        ok = self._cond.wait_for(ready, timeout)
+        self._blocked[side] += time.monotonic() - t0
+        return ok
+
+    def stats(self) -> dict[str, float]:
+        """Flat metrics: sizes, rates, drops_<reason>, staleness_hist_<k>, blocked_s_<side>, admission."""
+        with self._cond:
+            out: dict[str, float] = {
+                "size_groups": len(self._groups),
+                "size_rollouts": self._rows,
+                "bytes": self._bytes,
+                "pending_groups": len(self._assembler.pending),
+                "pending_rollouts": self._assembler.rows(),
+                "inserts": self._limiter.inserts,
+                "samples": self._limiter.samples,
+                "inserts_per_s": self._insert_rate.rate(),
+                "samples_per_s": self._sample_rate.rate(),
+                "learner_version": self._learner_version,
+                "admitted": self._admission.admitted,
+                "released": self._admission.released,
+                "admission_capacity": float(min(self._admission.capacity(self._learner_version), 1 << 53)),
+            }
+            out.update({f"drops_{reason}": n for reason, n in self._drops.items()})
+            out.update({name: n for name, n in self._counts.items()})
+            out.update({f"blocked_s_{side}": s for side, s in self._blocked.items()})
+            served = sum(self._staleness_hist.values())
+            out["staleness_mean"] = sum(k * n for k, n in self._staleness_hist.items()) / served if served else 0.0
+            out.update({f"staleness_hist_{k}": n for k, n in sorted(self._staleness_hist.items())})
+        return {k: float(v) for k, v in out.items()}
+
+    # ---- persistence ----------------------------------------------------------------------------
+
+    def _default_path(self, path: str | None) -> str:
+        if path is not None:
+            return path
+        if self.run_dir is None:
+            raise ValueError("ReplayBuffer.save/load: no path given and the buffer has no run_dir")
+        return os.path.join(self.run_dir, self.cfg.checkpoint_dirname)
+
+    def save(self, path: str | None = None) -> None:
+        """Write held groups, parts of groups and counters under path (default run_dir/buffer), atomically."""
+        with self._cond:
+            snap = persist.Snapshot(
+                groups=[e.batch for e in self._groups.values()],
+                meta=[persist.entry_meta(e) for e in self._groups.values()],
+                pending=self._assembler.batches(),
+                counters=self._counters(),
+            )
+        persist.write_snapshot(self._default_path(path), snap)
+
+    def load(self, path: str | None = None) -> None:
+        """Replace this buffer's content and counters by a checkpoint; BufferCorruptError names a bad file."""
+        snap = persist.read_snapshot(self._default_path(path))  # all checks before any state changes
+        with self._cond:
+            self._reset_state()
+            for batch, meta in zip(snap.groups, snap.meta, strict=True):
+                self._add_entry(persist.entry_from_meta(batch, meta))
+            for part in snap.pending:
+                self._assembler.add(part.column("group_id")[0].as_py(), part)
+            self._restore_counters(snap.counters)
+            self._cond.notify_all()
+
+    def _counters(self) -> dict:
+        return {
+            "learner_version": self._learner_version,
+            "admitted": self._admission.admitted,
+            "released": self._admission.released,
+            "inserts": self._limiter.inserts,
+            "samples": self._limiter.samples,
+            "next_seq": self._next_seq,
+            "drops": dict(self._drops),
+            "counts": dict(self._counts),
+            "staleness_hist": {str(k): n for k, n in self._staleness_hist.items()},
+        }
+
+    def _restore_counters(self, c: dict) -> None:
+        self._learner_version = int(c["learner_version"])
+        self._checked_version = -1  # held groups may have gone stale since their last check
+        self._admission.admitted, self._admission.released = int(c["admitted"]), int(c["released"])
+        self._limiter.inserts, self._limiter.samples = int(c["inserts"]), int(c["samples"])
+        self._next_seq = int(c["next_seq"])
+        self._drops.update(c["drops"])
+        self._counts.update(c["counts"])
+        self._staleness_hist.update({int(k): n for k, n in c["staleness_hist"].items()})

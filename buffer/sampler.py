@@ -1,0 +1,43 @@
+"""Which groups are served, and which leave when the buffer is full. Pure functions of the entries."""
+from __future__ import annotations
+
+import numpy as np
+
+from buffer.config import BufferConfig
+from buffer.groups import GroupEntry
+
+
+def choose(entries: list[GroupEntry], n_groups: int, cfg: BufferConfig, rng: np.random.Generator) -> list[GroupEntry]:
+    """n distinct groups (the caller checked len(entries) >= n), in the order they are served.
+
+    fifo: arrival order, but every held group is served once before any is served again
+    (with max_reuse > 1 this is a queue that re-enters served groups at its back).
+    uniform: every held group equally likely. prioritized: p_i ~ (score_i + eps)^alpha.
+    """
+    if cfg.sampler == "fifo":
+        return sorted(entries, key=lambda e: (e.times_served, e.seq))[:n_groups]
+    if cfg.sampler == "uniform":
+        idx = rng.choice(len(entries), size=n_groups, replace=False)
+        return [entries[i] for i in idx]
+    weights = priorities(entries, cfg)
+    idx = rng.choice(len(entries), size=n_groups, replace=False, p=weights / weights.sum())
+    return [entries[i] for i in idx]
+
+
+def priorities(entries: list[GroupEntry], cfg: BufferConfig) -> np.ndarray:
+    """Unnormalised sampling weights, (len(entries),)."""
+    if cfg.priority == "recency":
+        # Rank by arrival, newest = len(entries): scale-free, unlike raw seq numbers that grow all run.
+        order = np.argsort([e.seq for e in entries], kind="stable")
+        score = np.empty(len(entries), dtype=np.float64)
+        score[order] = np.arange(1, len(entries) + 1, dtype=np.float64)
+    else:
+        score = np.array([e.score for e in entries], dtype=np.float64)
+    return (score + cfg.priority_eps) ** cfg.priority_exponent
+
+
+def victim(entries: list[GroupEntry], cfg: BufferConfig) -> GroupEntry:
+    """The group to evict: first inserted, or oldest behaviour version (ties: first inserted)."""
+    if cfg.eviction == "fifo":
+        return min(entries, key=lambda e: e.seq)
+    return min(entries, key=lambda e: (e.policy_version, e.seq))
