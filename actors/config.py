@@ -1,0 +1,37 @@
+"""Rollout actor configuration."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ActorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_actors: int = Field(1, ge=1)
+    """Rollout actors (each owns one vLLM engine); scales independently of the learner."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs each rollout actor reserves from Ray."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs each rollout actor reserves (0 on CPU machines)."""
+    prompts_per_request: int = Field(16, ge=1)
+    """Prompt groups one generation request carries (the unit of admission and of work re-issue)."""
+    n: int = Field(8, ge=1)
+    """Generations sampled per prompt (the group size)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; the recorded behaviour log-probs are under this tempered distribution."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass (1 = off)."""
+    top_k: int = Field(0, ge=0)
+    """Top-k truncation (0 = off)."""
+    max_tokens: int = Field(8, ge=1)
+    """Longest response, in tokens."""
+    reward: str = "arithmetic"
+    """Builtin reward (arithmetic, math_verify) or path/to/file.py:function."""
+    kv_cache_gib: int = Field(1, ge=1)
+    """vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """Fraction of GPU memory vLLM may take (GPU only)."""
+    enable_prefix_caching: bool = True
+    """Reuse prompt KV blocks across the n samples; the cache is reset on every weight update."""
+    seed: int = 0
+    """Base seed; each actor and request gets a distinct one so groups are not copies."""

@@ -1,0 +1,149 @@
+"""The generator: one vLLM engine that samples groups, records behaviour log-probs and scores them.
+
+A plain class; `actors/actor.py` wraps it as a Ray actor. vLLM runs with
+`logprobs_mode="processed_logprobs"`, so the recorded log-prob of each sampled
+token is under the distribution actually sampled from (temperature, top-k/p
+applied) -- the behaviour policy mu that off-policy corrections divide by.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from actors.config import ActorConfig
+from actors.rewards import resolve_reward, safe_reward
+from buffer.schema import Rollout, rollouts_to_arrow
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    answer: str
+
+
+@dataclass
+class GenerationResult:
+    batch: pa.RecordBatch | None  # whole groups, ROLLOUT_SCHEMA
+    groups: int
+    tokens: int
+    version: int
+    gen_s: float
+    load_s: float  # time spent applying new weights before sampling (0 if none)
+    skipped: dict[str, int]  # reason -> groups
+
+
+class Generator:
+    def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int, version: int = 0):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+        from vllm import LLM
+
+        self.cfg, self.id, self.version = cfg, generator_id, version
+        self.max_model_len = max_model_len
+        self.reward_fn = resolve_reward(cfg.reward)
+        self.llm = LLM(
+            model=model_path,
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            seed=cfg.seed,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self._requests = 0
+
+    def load_weights(self, version: int, named_tensors) -> None:
+        """Apply a whole version in place. vLLM's layerwise reload is the path that works on CPU, where
+        the backend repacks linear weights at load time; the prefix cache is reset so no block
+        computed under the old weights is reused."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def sampling_params(self, greedy: bool = False):
+        from vllm import SamplingParams
+
+        self._requests += 1
+        return SamplingParams(
+            n=1 if greedy else self.cfg.n,
+            temperature=0.0 if greedy else self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            top_k=self.cfg.top_k if self.cfg.top_k > 0 else -1,
+            max_tokens=self.cfg.max_tokens,
+            logprobs=0,  # the sampled token's own entry only
+            seed=None if greedy else hash((self.cfg.seed, self.id, self._requests)) % (2**31),
+        )
+
+    def generate(self, prompts: list[Prompt]) -> GenerationResult:
+        t0 = time.time()
+        skipped: Counter[str] = Counter()
+        kept, token_prompts = [], []
+        for p in prompts:
+            ids = self.tokenizer(p.text, add_special_tokens=False)["input_ids"]
+            if len(ids) + self.cfg.max_tokens > self.max_model_len or not ids:
+                skipped["prompt_too_long" if ids else "prompt_empty"] += 1
+                continue
+            kept.append(p)
+            token_prompts.append({"prompt_token_ids": ids})
+        outputs = self.llm.generate(token_prompts, self.sampling_params(), use_tqdm=False) if kept else []
+        rows: list[Rollout] = []
+        for p, out in zip(kept, outputs):
+            group, reason = self._group(p, out, t0)
+            if reason:
+                skipped[reason] += 1
+            else:
+                rows.extend(group)
+        t1 = time.time()
+        batch = rollouts_to_arrow(rows) if rows else None
+        tokens = sum(len(r.behaviour_logprobs) for r in rows)
+        return GenerationResult(batch, len(rows) // self.cfg.n, tokens, self.version, t1 - t0, 0.0, dict(skipped))
+
+    def _group(self, prompt: Prompt, out, t_start: float) -> tuple[list[Rollout], str]:
+        """One prompt's n samples as Rollouts; a group with unusable samples is dropped whole (with a reason)
+        because group-relative objectives need every member."""
+        group_id = uuid.uuid4().hex
+        rows = []
+        for comp in out.outputs:
+            ids = list(comp.token_ids)
+            if not ids:
+                return [], "empty_generation"
+            logps = [lp[tok].logprob for lp, tok in zip(comp.logprobs, ids)]
+            if not all(math.isfinite(x) for x in logps):
+                return [], "nonfinite_logprobs"
+            reward, info = safe_reward(self.reward_fn, comp.text, prompt.answer)
+            rows.append(
+                Rollout(
+                    rollout_id=uuid.uuid4().hex,
+                    prompt_id=prompt.id,
+                    group_id=group_id,
+                    group_size=self.cfg.n,
+                    token_ids=list(out.prompt_token_ids) + ids,
+                    prompt_len=len(out.prompt_token_ids),
+                    behaviour_logprobs=logps,
+                    reward=reward,
+                    policy_version=self.version,
+                    generator_id=self.id,
+                    finish_reason=comp.finish_reason or "stop",
+                    t_start=t_start,
+                    t_end=time.time(),
+                    response_text=comp.text,
+                    reward_info=info,
+                )
+            )
+        return rows, ""
+
+    def evaluate(self, prompts: list[Prompt]) -> dict[str, float]:
+        """Greedy decoding on held-out prompts: mean reward and response length."""
+        outs = self.llm.generate([p.text for p in prompts], self.sampling_params(greedy=True), use_tqdm=False)
+        scores = [safe_reward(self.reward_fn, o.outputs[0].text, p.answer)[0] for p, o in zip(prompts, outs)]
+        lengths = [len(o.outputs[0].token_ids) for o in outs]
+        return {"eval/reward_mean": sum(scores) / len(scores), "eval/response_length_mean": sum(lengths) / len(lengths)}

@@ -1,0 +1,190 @@
+"""The run's typed configuration: component configs composed, loaded from YAML, overridden from the CLI.
+
+Each component owns its config class (ActorConfig, LearnerConfig, BufferConfig,
+ObjectiveConfig); this module composes them, applies dotted overrides
+(`--learner.lr 1e-5`) and checks the rules that span components. Every failure
+is a `ConfigError` whose message names the key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from actors.config import ActorConfig
+from buffer.config import BufferConfig
+from learner.config import LearnerConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; raised before any actor starts."""
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = None
+    """Local directory or hub name of a causal LM; None builds the tiny default model."""
+    hidden_size: int = Field(128, ge=64, multiple_of=64)
+    """Tiny default model: hidden size (head_dim is 64, so heads = hidden / 64)."""
+    num_layers: int = Field(2, ge=1)
+    """Tiny default model: transformer layers."""
+    vocab_size: int = Field(64, ge=16)
+    """Tiny default model: BPE vocabulary trained on the task text."""
+    max_model_len: int = Field(64, ge=8)
+    """Context length for generation and training."""
+    warm_start_steps: int = Field(150, ge=0)
+    """Tiny default model: supervised steps on the answer format before RL."""
+    warm_start_correct_fraction: float = Field(0.3, ge=0, le=1)
+    """Fraction of warm-start answers that are right; the rest are random, leaving the arithmetic to RL."""
+    seed: int = 0
+    """Tiny default model: initialisation and warm-start seed."""
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train: str = "synthetic:arithmetic"
+    """Training prompts: synthetic:arithmetic or a JSONL file of {prompt, answer[, id]}."""
+    eval: str | None = None
+    """Held-out prompts for greedy evaluation (JSONL), or None."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate every k learner steps (0 = off)."""
+    max_operand: int = Field(9, ge=1)
+    """synthetic:arithmetic: operands range over 0..max_operand."""
+    seed: int = 0
+    """Prompt order seed."""
+
+
+class WeightSyncConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    transport: Literal["object_store", "disk"] = "object_store"
+    """How weights travel learner -> generators (NCCL: see the weight-broadcast issue)."""
+    timeout_s: float = Field(120.0, gt=0)
+    """A fetch that takes longer fails naming the version."""
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = None
+    """None starts a local Ray; 'auto' or host:port joins a cluster (ray job submit sets it)."""
+    num_cpus: int | None = Field(None, ge=1)
+    """Local Ray only: CPUs to offer (default: the machine's)."""
+    dashboard_host: str = "127.0.0.1"
+    """Local Ray only: where the dashboard listens; loopback unless said otherwise."""
+    include_dashboard: bool = False
+    """Local Ray only: start the dashboard."""
+    rpc_timeout_s: float = Field(600.0, gt=0)
+    """Longest wait on any actor call before the run fails naming the actor."""
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "arith"
+    """Run name; the run directory is output_dir/name-<timestamp>."""
+    output_dir: str = "runs"
+    """Where run directories are created."""
+    seed: int = 0
+    """Global seed."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    actors: ActorConfig = ActorConfig()
+    buffer: BufferConfig = BufferConfig()
+    learner: LearnerConfig = LearnerConfig()
+    weights: WeightSyncConfig = WeightSyncConfig()
+    ray: RayConfig = RayConfig()
+    tensorboard: bool = True
+    """Write TensorBoard event files into the run directory."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--a.b value` and `--a.b=value` pairs; values are parsed as YAML scalars (1e-5, true, [1, 2])."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --learner.lr 1e-5")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"config key {key!r}: missing value")
+            value, i = args[i + 1], i + 1
+        out[key] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return out
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key {key!r}"
+    return f"config key {key!r}: {first['msg']} (got {first.get('input')!r})"
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML ({exc})") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+
+
+def validate(cfg: RunConfig) -> None:
+    """Rules that span components: each one would otherwise deadlock or fail late."""
+    L, A, B = cfg.learner, cfg.actors, cfg.buffer
+    if cfg.model.path is not None and _looks_local(cfg.model.path) and not Path(cfg.model.path).expanduser().exists():
+        raise ConfigError(f"config key 'model.path': {cfg.model.path} does not exist")
+    for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if source and not source.startswith("synthetic:") and not Path(source).is_file():
+            raise ConfigError(f"config key {key!r}: dataset file {source} does not exist")
+    if cfg.data.eval_every and not cfg.data.eval:
+        raise ConfigError("config key 'data.eval_every': set data.eval to a held-out prompt file as well")
+    if L.groups_per_step % L.num_ranks:
+        raise ConfigError(f"config key 'learner.groups_per_step': {L.groups_per_step} is not divisible by learner.num_ranks={L.num_ranks}")
+    per_rank = L.groups_per_step // L.num_ranks
+    if per_rank % min(L.micro_batch_groups, per_rank):
+        raise ConfigError(f"config key 'learner.micro_batch_groups': {L.micro_batch_groups} does not divide the {per_rank} groups each rank trains per step")
+    if B.staleness_policy == "admission" and L.publish_every - 1 > B.max_staleness:
+        raise ConfigError(f"config key 'buffer.max_staleness': {B.max_staleness} < learner.publish_every - 1 = {L.publish_every - 1}: no rollout could ever be fresh enough")
+    window = (B.max_staleness + 1) * L.groups_per_step
+    if A.prompts_per_request > window:
+        raise ConfigError(f"config key 'actors.prompts_per_request': {A.prompts_per_request} exceeds the {window} groups the staleness bound admits at once")
+    if B.capacity_groups < L.groups_per_step or B.min_size_groups > B.capacity_groups:
+        raise ConfigError(f"config key 'buffer.capacity_groups': {B.capacity_groups} cannot hold one step of {L.groups_per_step} groups")

@@ -1,0 +1,53 @@
+"""Learner ranks as Ray actors: thin shells that set the distributed environment and hold a `Learner`."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+from learner.config import LearnerConfig
+from learner.learner import Learner
+
+
+class LearnerRank:
+    def __init__(self, cfg: LearnerConfig, model_path: str, group_size: int, temperature: float, rank: int,
+                 world_size: int, master_addr: str, master_port: int, transport):
+        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        self.learner = Learner(cfg, model_path, group_size, temperature, rank, world_size)
+        self.transport = transport
+
+    def train_step(self, batch, publish: bool):
+        """Train on `batch` (resolved by Ray from the buffer's sample); publish afterwards if asked."""
+        if batch is None:
+            return None
+        metrics = self.learner.train_step(batch)
+        handle, publish_s = self.learner.publish(self.transport) if publish else (None, 0.0)
+        metrics["weight_sync_s"] = publish_s
+        return {"metrics": metrics, "handle": handle, "step": self.learner.step}
+
+    def publish(self):
+        return self.learner.publish(self.transport)[0]
+
+    def save_pretrained(self, out_dir: str):
+        return self.learner.save_pretrained(out_dir)
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+
+def make_learner_ranks(cfg: LearnerConfig, **kwargs) -> list:
+    """One actor per rank; rank 0's node is the rendezvous point for the process group."""
+    import socket
+
+    cls = ray.remote(LearnerRank).options
+    env = {"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(int(cfg.num_cpus), 1))}}}
+    with socket.socket() as s:  # a free port on the driver's node; on clusters rank 0 re-checks its own
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    addr = ray.util.get_node_ip_address()
+    return [
+        cls(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0, **env).remote(
+            cfg, rank=r, world_size=cfg.num_ranks, master_addr=addr, master_port=port, **kwargs)
+        for r in range(cfg.num_ranks)
+    ]

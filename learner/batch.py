@@ -1,0 +1,77 @@
+"""Rollout record batches to the padded tensors the learner's forward pass and objectives need."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor  # (B, L) prompt + response, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    resp_index: torch.Tensor  # (B, T) position in the shifted logits that predicts response token t
+    resp_mask: torch.Tensor  # (B, T) 1.0 on real response tokens
+    behaviour_logp: torch.Tensor  # (B, T)
+    rewards: torch.Tensor  # (B,)
+    group_ids: torch.Tensor  # (B,) dense group index
+    versions: torch.Tensor  # (B,) behaviour policy version
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def slice(self, rows: slice) -> "TrainBatch":
+        return TrainBatch(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+
+def shard_groups(batch: pa.RecordBatch, rank: int, world_size: int) -> pa.RecordBatch:
+    """This rank's whole groups: group k of the batch goes to rank k % world_size."""
+    group_ids = batch.column("group_id").to_pylist()
+    order = {g: i for i, g in enumerate(dict.fromkeys(group_ids))}
+    keep = [i for i, g in enumerate(group_ids) if order[g] % world_size == rank]
+    return batch.take(pa.array(keep, pa.int64()))
+
+
+def to_tensors(batch: pa.RecordBatch, pad_id: int) -> TrainBatch:
+    cols = batch.to_pydict()
+    token_ids, prompt_lens = cols["token_ids"], cols["prompt_len"]
+    B = len(token_ids)
+    L = max(len(t) for t in token_ids)
+    T = max(max(len(t) - p for t, p in zip(token_ids, prompt_lens)), 1)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)  # (B, L)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)  # (B, L)
+    resp_index = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    resp_mask = torch.zeros((B, T))  # (B, T)
+    behaviour = torch.zeros((B, T))  # (B, T)
+    for i, (ids, p, lps) in enumerate(zip(token_ids, prompt_lens, cols["behaviour_logprobs"])):
+        n = len(ids) - p
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        # logits at position j predict token j+1, so response token t is predicted at p - 1 + t
+        resp_index[i, :n] = torch.arange(p - 1, p - 1 + n)
+        resp_mask[i, :n] = 1.0
+        behaviour[i, :n] = torch.tensor(lps)
+    groups = {g: k for k, g in enumerate(dict.fromkeys(cols["group_id"]))}
+    return TrainBatch(
+        input_ids, attention_mask, resp_index, resp_mask, behaviour,
+        torch.tensor(cols["reward"], dtype=torch.float32),
+        torch.tensor([groups[g] for g in cols["group_id"]], dtype=torch.long),
+        torch.tensor(cols["policy_version"], dtype=torch.long),
+    )
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, resp_index: torch.Tensor, temperature: float):
+    """Log-probs (with grad) and entropies (no grad) of the response tokens under logits / temperature.
+
+    The temperature matches the generator's so that current and behaviour log-probs are of the same
+    distribution when the weights are equal.
+    """
+    logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, L-1, V)
+    targets = input_ids[:, 1:]  # (B, L-1)
+    logp_tok = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, L-1)
+    logp = logp_tok.gather(1, resp_index)  # (B, T)
+    with torch.no_grad():
+        ent_all = -(logp_all.exp() * logp_all).sum(-1)  # (B, L-1)
+        entropy = ent_all.gather(1, resp_index)  # (B, T)
+    return logp, entropy

@@ -1,0 +1,51 @@
+"""Learner configuration."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from learner.objectives import ObjectiveConfig
+
+
+class LearnerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_ranks: int = Field(1, ge=1)
+    """DeepSpeed data-parallel ranks, one Ray actor each."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs each learner rank reserves from Ray."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs each learner rank reserves (1 on GPU clusters)."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage."""
+    total_steps: int = Field(60, ge=1)
+    """Optimizer steps in the run."""
+    groups_per_step: int = Field(16, ge=1)
+    """Prompt groups in one optimizer step (rows = groups_per_step * actors.n)."""
+    micro_batch_groups: int = Field(16, ge=1)
+    """Groups per forward/backward; gradient accumulation covers the rest of the step."""
+    updates_per_batch: int = Field(1, ge=1)
+    """Optimizer passes over each sampled batch (PPO epochs); >1 makes proximal log-probs matter."""
+    lr: float = Field(1e-3, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Gradient norm clip (0 = off)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warm-up steps."""
+    publish_every: int = Field(1, ge=1)
+    """Publish new weights every k optimizer steps."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Training precision (bf16 on GPU)."""
+    objective: ObjectiveConfig = ObjectiveConfig()
+    """The loss: see learner/objectives."""
+    sample_timeout_s: float = Field(300.0, gt=0)
+    """How long a step waits for the buffer to hold a batch before the run fails naming the buffer."""
+    track_ref_kl: bool = True
+    """Hold a frozen reference model to report kl_to_ref even when the objective does not need it."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a resumable checkpoint every k steps (0 = only at the end)."""

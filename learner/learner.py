@@ -1,0 +1,196 @@
+"""The learner: a DeepSpeed engine that recomputes log-probs, applies the objective and publishes weights.
+
+A plain class, one per data-parallel rank; `learner/actor.py` wraps it as a Ray
+actor. Every rank receives the same sampled batch and trains on its own whole
+groups; metrics are averaged over ranks.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from learner.batch import TrainBatch, shard_groups, to_tensors, token_logprobs
+from learner.config import LearnerConfig
+from learner.objectives import LossInputs, compute_loss, needs_proximal, needs_reference
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "generation_config.json", "chat_template.jinja")
+
+
+def deepspeed_config(cfg: LearnerConfig, rows_per_micro: int, micro_steps: int) -> dict:
+    ds = {
+        "train_micro_batch_size_per_gpu": rows_per_micro,
+        "gradient_accumulation_steps": micro_steps,
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay}},
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": cfg.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.warmup_steps:
+        ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
+                                                          "warmup_num_steps": cfg.warmup_steps}}
+    return ds
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> float:
+    """Token-mean k3 estimate of KL(pi || ref) on the sampled tokens (unbiased, non-negative)."""
+    d = ref_logp - logp  # (B, T)
+    return float(((d.exp() - d - 1) * mask).sum() / mask.sum().clamp(min=1))
+
+
+class Learner:
+    def __init__(self, cfg: LearnerConfig, model_path: str, group_size: int, temperature: float,
+                 rank: int = 0, world_size: int = 1):
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.model_path, self.temperature = cfg, model_path, temperature
+        self.rank, self.world_size = rank, world_size
+        on_gpu = torch.cuda.is_available() and cfg.num_gpus > 0
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model.config.use_cache = False
+        self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
+        groups_per_rank = cfg.groups_per_step // world_size
+        micro_steps = max(groups_per_rank // cfg.micro_batch_groups, 1)
+        self.rows_per_micro = min(cfg.micro_batch_groups, groups_per_rank) * group_size
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg, self.rows_per_micro, micro_steps),
+        )
+        self.ref = None
+        if needs_reference(cfg.objective) or cfg.track_ref_kl:
+            self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+            self.ref.requires_grad_(False)
+        self.step = 0  # optimizer steps taken == the version of the weights this learner holds
+
+    # ---- training -------------------------------------------------------------------------------
+    def _forward(self, model, mb: TrainBatch):
+        out = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device))
+        return token_logprobs(out.logits, mb.input_ids.to(self.device), mb.resp_index.to(self.device), self.temperature)
+
+    @torch.no_grad()
+    def _frozen_logp(self, model, batch: TrainBatch) -> torch.Tensor:
+        parts = [self._forward(model, batch.slice(slice(i, i + self.rows_per_micro)))[0]
+                 for i in range(0, len(batch), self.rows_per_micro)]
+        return torch.cat(parts).float().cpu()  # (B, T)
+
+    def train_step(self, batch: pa.RecordBatch) -> dict[str, float]:
+        """One optimizer step (or `updates_per_batch`) on this rank's groups of `batch`; returns rank-averaged metrics."""
+        t0 = time.perf_counter()
+        full = to_tensors(shard_groups(batch, self.rank, self.world_size), self.pad_id)
+        ref_logp = self._frozen_logp(self.ref, full) if self.ref is not None else None
+        prox_logp = None
+        if needs_proximal(self.cfg.objective) or self.cfg.updates_per_batch > 1:
+            self.engine.eval()
+            prox_logp = self._frozen_logp(self.engine.module, full)  # the policy before this update
+            self.engine.train()
+        sums: dict[str, float] = {}
+        n_micro = 0
+        for _ in range(self.cfg.updates_per_batch):
+            for i in range(0, len(full), self.rows_per_micro):
+                rows = slice(i, i + self.rows_per_micro)
+                mb = full.slice(rows)
+                logp, entropy = self._forward(self.engine, mb)  # (B, T), (B, T)
+                mask = mb.resp_mask.to(self.device)
+                inputs = LossInputs(
+                    logp=logp.float(), behaviour_logp=mb.behaviour_logp.to(self.device), mask=mask,
+                    rewards=mb.rewards.to(self.device), group_ids=mb.group_ids.to(self.device),
+                    ref_logp=None if ref_logp is None else ref_logp[rows].to(self.device),
+                    prox_logp=None if prox_logp is None else prox_logp[rows].to(self.device),
+                )
+                loss, metrics = compute_loss(self.cfg.objective, inputs)
+                if "kl_to_ref" not in metrics and inputs.ref_logp is not None:
+                    metrics["kl_to_ref"] = kl_k3(logp.detach().float(), inputs.ref_logp, mask)
+                self.engine.backward(loss)
+                self.engine.step()
+                metrics = {**metrics, "loss": float(loss), "entropy_mean": float((entropy * mask).sum() / mask.sum())}
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n_micro += 1
+        self.step += 1
+        staleness = (self.step - 1 - full.versions).float()  # learner version at the update minus behaviour version
+        lengths = full.resp_mask.sum(1)
+        out = {k: v / n_micro for k, v in sums.items()}
+        out.update(
+            reward_mean=float(full.rewards.mean()), response_length_mean=float(lengths.mean()),
+            staleness_mean=float(staleness.mean()), staleness_max=float(staleness.max()),
+            tokens=float(lengths.sum()), rows=float(len(full)),
+            learner_step_s=time.perf_counter() - t0, lr=float(self.engine.get_lr()[0]),
+        )
+        return self._all_reduce(out)
+
+    def _all_reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1:
+            return metrics
+        import torch.distributed as dist
+
+        keys = sorted(metrics)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        summed = ("tokens", "rows")
+        maxed = ("staleness_max",)
+        out = {k: float(v) if k in summed else float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+        for k in maxed:  # a max across ranks, not a mean
+            m = torch.tensor([metrics[k]], dtype=torch.float64, device=self.device)
+            dist.all_reduce(m, op=dist.ReduceOp.MAX)
+            out[k] = float(m)
+        return out
+
+    # ---- weights --------------------------------------------------------------------------------
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """Full parameters on rank 0 (every rank must call: ZeRO-3 gathers collectively); None elsewhere.
+        Tied embeddings are sent under both names so vLLM's repacked head is updated too."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.zero_stage == 3):
+            if self.rank != 0:
+                return None
+            copy = self.cfg.zero_stage == 3  # gathered storage is freed when the context exits
+            state = {n: (p.detach().clone() if copy else p.detach()).cpu() for n, p in module.named_parameters()}
+        for name, buf in module.named_buffers():
+            if name in module.state_dict():
+                state[name] = buf.detach().cpu()
+        if getattr(module.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
+            state["lm_head.weight"] = module.get_input_embeddings().weight.detach().cpu() if not copy else \
+                state["model.embed_tokens.weight"]
+        return state
+
+    def publish(self, transport):
+        """Hand the current weights to `transport` as version `self.step`; returns the handle on rank 0."""
+        t0 = time.perf_counter()
+        state = self.full_state()
+        if state is None:
+            return None, 0.0
+        handle = transport.publish(self.step, state)
+        return handle, time.perf_counter() - t0
+
+    def save_pretrained(self, out_dir: str) -> str | None:
+        """Hugging Face format (safetensors) that transformers and vLLM both load; written then renamed."""
+        state = self.full_state()
+        if state is None:
+            return None
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        state = {k: v for k, v in state.items() if k != "lm_head.weight" or not self.engine.module.config.tie_word_embeddings}
+        self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            src = Path(self.model_path) / name
+            if src.exists():
+                shutil.copy(src, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return str(out)
