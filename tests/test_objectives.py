@@ -154,3 +154,7 @@ def test_default_aggregations_are_declared():
     for name, entry in REGISTRY.items():
         assert entry.aggregation in {"seq_mean_token_mean", "token_sum"}, name
         assert entry.fn.__doc__ and "Default" in entry.fn.__doc__, f"{name} does not document its default"
+
+
+def test_registry_covers_every_config_name():
+    assert set(REGISTRY) == set(get_args(ObjectiveName))

@@ -42,3 +42,35 @@ def agro(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float
     adv = group_advantage(_regularised_reward(cfg, inp), inp.group_ids, loo=cfg.loo)  # (B,)
     token_loss = -adv[:, None] * inp.logp  # (B, T)
     return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len), adv_metrics(adv)
+
+
+def agro_on_policy(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
+    """On-policy AGRO: the consistency gradient at mu = pi, with token-level credit for the KL term.
+
+    Derived here (the seed states the on-policy variant without its formula):
+    1. Differentiating the variance under pi itself, (1/2) Var_{y~pi} R_pi(y), adds a
+       likelihood-ratio term (1/2) E_pi[(R - V)^2 grad log pi] to the pathwise one.
+       That term lowers the probability of every outlier, good or bad, and every
+       one-hot policy is a stationary point: in the tabular check it drives pi to a
+       single action (KL(pi, pi*)/KL(pi_0, pi*) stays ~1). So it is not used.
+    2. Kept: the pathwise gradient -beta E_pi[(R - V) grad log pi], i.e. the gradient
+       of E_pi[r] - beta KL(pi || ref) (the off-policy form evaluated at mu = pi).
+    3. Only because mu = pi, causality applies: the log-ratio of a token s < t is a
+       function of the prefix y_<t, so E_pi[log-ratio_s * grad log pi(y_t | y_<t)] = 0
+       and token t's advantage may drop it. A_it = r_i - beta sum_{s >= t}
+       (logp_is - ref_is) - b_i, b_i the group (or leave-one-out) mean of the
+       sequence-level R_j. Same expectation, less variance. On stale data step 3 is
+       biased; use agro there.
+    With T = 1 it equals agro. Default: token_sum.
+    """
+    regularised = _regularised_reward(cfg, inp)  # (B,)
+    baseline = regularised - group_advantage(regularised, inp.group_ids, loo=cfg.loo)  # (B,)
+    if cfg.beta == 0.0:
+        to_go = torch.zeros_like(inp.logp)  # (B, T)
+    else:
+        log_ratio = (inp.logp.detach() - inp.ref_logp) * inp.mask  # (B, T)
+        to_go = log_ratio.flip(-1).cumsum(-1).flip(-1)  # (B, T) sum over s >= t
+    adv = inp.rewards.detach()[:, None] - cfg.beta * to_go - baseline[:, None]  # (B, T)
+    token_loss = -adv * inp.logp  # (B, T)
+    seq_adv = (adv * inp.mask).sum(-1) / inp.mask.sum(-1).clamp(min=1)  # (B,)
+    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len), adv_metrics(seq_adv)

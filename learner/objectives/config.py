@@ -54,7 +54,7 @@ class ObjectiveConfig(BaseModel):
     """token_sum divides by batch_size * max_len; None uses T of the tensors."""
 
     beta: float = Field(default=0.0, ge=0.0)
-    """KL strength (grpo, dr_grpo, kl_pg), AGRO regularisation, DPO inverse temperature."""
+    """KL strength (kl_pg; grpo, dr_grpo, ppo when > 0), AGRO regularisation, DPO inverse temperature."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """Per-token KL(pi || ref) estimator added to the loss by kl_pg, grpo and dr_grpo."""
 
@@ -118,6 +118,6 @@ class ObjectiveConfig(BaseModel):
                 raise ValueError(f"aggregation must be token_sum or None for pairwise objective {self.name!r}")
             if self.loo:
                 raise ValueError(f"loo has no meaning for pairwise objective {self.name!r}")
-        if self.name in {"dpo", "agro_on_policy"} and self.beta <= 0.0:
+        if self.name == "dpo" and self.beta <= 0.0:
             raise ValueError(f"beta must be > 0 for objective {self.name!r}")
         return self

@@ -8,7 +8,7 @@ from typing import get_args
 
 from torch import Tensor
 
-from learner.objectives import agro, policy_gradient
+from learner.objectives import agro, policy_gradient, ppo_family, preference, rec
 from learner.objectives.common import shared_metrics
 from learner.objectives.config import ObjectiveConfig, ObjectiveName
 from learner.objectives.inputs import LossInputs, check_inputs
@@ -50,6 +50,17 @@ REGISTRY: dict[str, Objective] = {
     "asymre": Objective(policy_gradient.asymre, "token_sum"),
     "kl_pg": Objective(policy_gradient.kl_pg, "token_sum", needs_reference=_always),
     "agro": Objective(agro.agro, "token_sum", needs_reference=_when_beta),
+    "agro_on_policy": Objective(agro.agro_on_policy, "token_sum", needs_reference=_when_beta),
+    "grpo": Objective(ppo_family.grpo, "seq_mean_token_mean", normalize_std=True, needs_reference=_when_beta),
+    "dr_grpo": Objective(ppo_family.dr_grpo, "token_sum", needs_reference=_when_beta),
+    "ppo": Objective(ppo_family.ppo, "seq_mean_token_mean", needs_reference=_when_beta),
+    "decoupled_ppo": Objective(ppo_family.decoupled_ppo, "seq_mean_token_mean", needs_proximal=True),
+    "gspo": Objective(ppo_family.gspo, "seq_mean_token_mean"),
+    "cispo": Objective(ppo_family.cispo, "token_sum"),
+    "rec": Objective(rec.rec, "token_sum"),
+    "opmd": Objective(rec.opmd, "token_sum"),
+    "dpo": Objective(preference.dpo, "token_sum", needs_reference=_always),
+    "ipo": Objective(preference.ipo, "token_sum", needs_reference=_always),
 }
 
 # Every metric key compute_loss guarantees, with the value used when an objective has nothing to report.
