@@ -237,3 +237,90 @@ def test_gradcheck(cfg):
                                             inp.ref_logp, inp.prox_logp))[0]
 
     assert torch.autograd.gradcheck(f, (inp.logp,))
+
+
+# ---------------------------------------------------------------- on-policy AGRO
+
+
+@pytest.mark.parametrize("loo", [False, True])
+def test_agro_on_policy_gradient(loo):
+    inp = random_inputs(seed=18)
+    beta = 0.2
+    _, g = grad_of(ObjectiveConfig(name="agro_on_policy", beta=beta, loo=loo), inp)
+    d = (inp.logp.detach() - inp.ref_logp) * inp.mask
+    regularised = inp.rewards - beta * d.sum(-1)
+    baseline = regularised - loop_advantage(regularised, inp.group_ids, loo=loo)
+    # token t is credited with the log-ratios of tokens s >= t only (causality, valid when mu = pi)
+    to_go = torch.stack([d[:, t:].sum(-1) for t in range(d.shape[1])], dim=-1)
+    adv = inp.rewards[:, None] - beta * to_go - baseline[:, None]
+    torch.testing.assert_close(g, -adv * inp.mask / token_sum_constant(inp))
+
+
+def test_agro_on_policy_equals_agro_for_single_token_generations():
+    inp = random_inputs(seed=19, length=1)
+    loss_a, g_a = grad_of(ObjectiveConfig(name="agro", beta=0.3), inp)
+    loss_o, g_o = grad_of(ObjectiveConfig(name="agro_on_policy", beta=0.3), inp)
+    torch.testing.assert_close(loss_o, loss_a)
+    torch.testing.assert_close(g_o, g_a)
+
+
+# ---------------------------------------------------------------- preference objectives
+
+
+def pairs_by_hand(rewards, ids):
+    chosen, rejected, tied = [], [], 0
+    for gid in sorted(set(ids.tolist())):
+        rows = [i for i in range(len(ids)) if ids[i] == gid]
+        rs = [float(rewards[i]) for i in rows]
+        if max(rs) == min(rs):
+            tied += 1
+            continue
+        chosen.append(rows[rs.index(max(rs))])
+        rejected.append(rows[rs.index(min(rs))])
+    return chosen, rejected, tied
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo"])
+def test_preference_gradient_and_tied_groups(name):
+    inp = random_inputs(seed=32, group_sizes=(4, 3, 5, 2))
+    inp.rewards[inp.group_ids == 5] = 1.0  # the last group ties: no preference, no gradient
+    beta, tau = 0.5, 0.25
+    cfg = ObjectiveConfig(name=name, beta=beta, ipo_tau=tau)
+    _, g = grad_of(cfg, inp)
+    _, metrics = compute_loss(cfg, inp)
+    chosen, rejected, tied = pairs_by_hand(inp.rewards, inp.group_ids)
+    assert tied == 1 and metrics["tied_groups"] == 1.0 and metrics["pairs"] == len(chosen) == 3
+    h = ((inp.logp.detach() - inp.ref_logp) * inp.mask).sum(-1)
+    expected = torch.zeros_like(g)
+    for w, l in zip(chosen, rejected):
+        margin = h[w] - h[l]
+        if name == "dpo":  # d/dmargin of -log sigmoid(beta margin) = -beta sigmoid(-beta margin)
+            dmargin = -beta * torch.sigmoid(-beta * margin)
+        else:  # d/dmargin of (margin - 1/(2 tau))^2
+            dmargin = 2 * (margin - 1 / (2 * tau))
+        expected[w] += dmargin * inp.mask[w] / len(chosen)
+        expected[l] -= dmargin * inp.mask[l] / len(chosen)
+    torch.testing.assert_close(g, expected)
+    assert g[inp.group_ids == 5].abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo"])
+def test_preference_all_groups_tied_gives_zero_loss_with_grad(name):
+    inp = random_inputs(seed=33)
+    inp.rewards = torch.zeros_like(inp.rewards)
+    loss, metrics = compute_loss(ObjectiveConfig(name=name, beta=0.1), inp)
+    loss.backward()
+    assert loss.item() == 0.0 and metrics["pairs"] == 0.0 and metrics["tied_groups"] == 3.0
+    assert inp.logp.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo"])
+def test_preference_gradcheck(name):
+    inp = random_inputs(seed=34, group_sizes=(3, 2), length=4)
+    cfg = ObjectiveConfig(name=name, beta=0.5)
+
+    def f(logp):
+        return compute_loss(cfg, LossInputs(logp, inp.behaviour_logp, inp.mask, inp.rewards, inp.group_ids,
+                                            inp.ref_logp, inp.prox_logp))[0]
+
+    assert torch.autograd.gradcheck(f, (inp.logp,))
