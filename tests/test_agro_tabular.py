@@ -27,3 +27,22 @@ def test_bandit_optimum_is_the_closed_form():
     expected = bandit.ref_logp.exp() * torch.exp(bandit.rewards / 0.5)
     torch.testing.assert_close(star, expected / expected.sum())
     assert bandit.kl_to_optimum(bandit.optimum_logp) == 0.0
+
+
+def test_full_variance_gradient_under_pi_collapses():
+    """Why agro_on_policy keeps only the pathwise term (its docstring, step 1): the exact gradient of
+    (1/2) Var_{y~pi} R_pi(y), likelihood-ratio part included, sends pi to one action, not to pi*."""
+    bandit = make_bandit(seed=1)
+    theta = bandit.ref_logp.clone().requires_grad_(True)
+    optimiser = torch.optim.SGD([theta], lr=1.0)
+    for _ in range(3000):
+        logp = torch.log_softmax(theta, dim=0)
+        regularised = bandit.rewards - bandit.beta * (logp - bandit.ref_logp)
+        value = (logp.exp() * regularised).sum()
+        loss = 0.5 * (logp.exp() * (regularised - value) ** 2).sum() / bandit.beta
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    logp = torch.log_softmax(theta.detach(), dim=0)
+    assert logp.exp().max() > 0.999
+    assert bandit.kl_to_optimum(logp) / bandit.kl_to_optimum(bandit.ref_logp) > 0.5

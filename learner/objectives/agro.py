@@ -47,12 +47,14 @@ def agro(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float
 def agro_on_policy(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
     """On-policy AGRO: the consistency gradient at mu = pi, with token-level credit for the KL term.
 
-    Derived here (the seed states the on-policy variant without its formula):
+    Derived here; the seed names an on-policy variant and a pathwise / likelihood-ratio
+    gradient decomposition but not the formula used, so this is our derivation:
     1. Differentiating the variance under pi itself, (1/2) Var_{y~pi} R_pi(y), adds a
        likelihood-ratio term (1/2) E_pi[(R - V)^2 grad log pi] to the pathwise one.
-       That term lowers the probability of every outlier, good or bad, and every
-       one-hot policy is a stationary point: in the tabular check it drives pi to a
-       single action (KL(pi, pi*)/KL(pi_0, pi*) stays ~1). So it is not used.
+       That term lowers the probability of every outlier, good or bad, and one-hot
+       policies are zero-variance limit points: with exact gradients on the tabular
+       check it collapses pi onto one action, often not pi*'s mode, leaving
+       KL(pi, pi*)/KL(pi_0, pi*) at 0.66-1.22 (tests/test_agro_tabular.py). Not used.
     2. Kept: the pathwise gradient -beta E_pi[(R - V) grad log pi], i.e. the gradient
        of E_pi[r] - beta KL(pi || ref) (the off-policy form evaluated at mu = pi).
     3. Only because mu = pi, causality applies: the log-ratio of a token s < t is a

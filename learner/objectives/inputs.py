@@ -37,5 +37,7 @@ def check_inputs(inp: LossInputs, *, need_ref: bool, need_prox: bool, objective:
     for field, tensor in {"rewards": inp.rewards, "group_ids": inp.group_ids}.items():
         if tuple(tensor.shape) != (batch,):
             raise ValueError(f"{objective}: {field} has shape {tuple(tensor.shape)}, expected ({batch},)")
+    if not inp.mask.is_floating_point():
+        raise ValueError(f"{objective}: mask must be a float tensor (1.0 response, 0.0 padding), got {inp.mask.dtype}")
     if inp.group_ids.is_floating_point():
         raise ValueError(f"{objective}: group_ids must be an integer tensor, got {inp.group_ids.dtype}")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import get_args
 
 from torch import Tensor
 
 from learner.objectives import agro, policy_gradient, ppo_family, preference, rec
 from learner.objectives.common import shared_metrics
-from learner.objectives.config import ObjectiveConfig, ObjectiveName
+from learner.objectives.config import ObjectiveConfig
 from learner.objectives.inputs import LossInputs, check_inputs
 
 ObjectiveFn = Callable[[ObjectiveConfig, LossInputs], tuple[Tensor, dict[str, float]]]
@@ -105,8 +104,3 @@ def compute_loss(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[st
     metrics = _DEFAULT_METRICS | metrics | shared_metrics(inp.logp, inp.behaviour_logp, inp.mask, inp.ref_logp)
     metrics["loss"] = float(loss.detach())
     return loss, metrics
-
-
-def registered_names() -> tuple[str, ...]:
-    """All names ObjectiveConfig.name accepts."""
-    return get_args(ObjectiveName)
