@@ -34,4 +34,4 @@ class ActorConfig(BaseModel):
     enable_prefix_caching: bool = True
     """Reuse prompt KV blocks across the n samples; the cache is reset on every weight update."""
     seed: int = 0
-    """Base seed; each actor and request gets a distinct one so groups are not copies."""
+    """Base seed; each actor derives its own so actors do not draw the same samples."""

@@ -11,6 +11,7 @@ import math
 import os
 import time
 import uuid
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -56,10 +57,9 @@ class Generator:
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=cfg.enable_prefix_caching,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
-            seed=cfg.seed,
+            seed=cfg.seed + zlib.crc32(generator_id.encode()) % 10_000,  # distinct streams per actor
         )
         self.tokenizer = self.llm.get_tokenizer()
-        self._requests = 0
 
     def load_weights(self, version: int, named_tensors) -> None:
         """Apply a whole version in place. vLLM's layerwise reload is the path that works on CPU, where
@@ -72,7 +72,6 @@ class Generator:
     def sampling_params(self, greedy: bool = False):
         from vllm import SamplingParams
 
-        self._requests += 1
         return SamplingParams(
             n=1 if greedy else self.cfg.n,
             temperature=0.0 if greedy else self.cfg.temperature,
@@ -80,7 +79,6 @@ class Generator:
             top_k=self.cfg.top_k if self.cfg.top_k > 0 else -1,
             max_tokens=self.cfg.max_tokens,
             logprobs=0,  # the sampled token's own entry only
-            seed=None if greedy else hash((self.cfg.seed, self.id, self._requests)) % (2**31),
         )
 
     def generate(self, prompts: list[Prompt]) -> GenerationResult:

@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import re
 from pathlib import Path
 from typing import Callable
 
 RewardFn = Callable[[str, str], float]
 
-_INT = re.compile(r"-?\d+")
-
-
 def arithmetic_reward(response: str, answer: str) -> float:
-    """1.0 when the first integer in the response equals the answer, else 0.0."""
-    m = _INT.search(response.replace(" ", ""))
-    return float(m is not None and m.group(0) == answer.strip())
+    """1.0 when the whole response (spaces aside) is the answer, else 0.0: no credit for a right number among others."""
+    return float("".join(response.split()) == answer.strip())
 
 
 def math_verify_reward(response: str, answer: str) -> float:

@@ -35,10 +35,10 @@ class ModelConfig(BaseModel):
     """Tiny default model: BPE vocabulary trained on the task text."""
     max_model_len: int = Field(64, ge=8)
     """Context length for generation and training."""
-    warm_start_steps: int = Field(150, ge=0)
+    warm_start_steps: int = Field(200, ge=0)
     """Tiny default model: supervised steps on the answer format before RL."""
-    warm_start_correct_fraction: float = Field(0.3, ge=0, le=1)
-    """Fraction of warm-start answers that are right; the rest are random, leaving the arithmetic to RL."""
+    warm_start_correct_fraction: float = Field(1.0, ge=0, le=1)
+    """Fraction of warm-start answers that are right (the rest random); a short warm start leaves most of the table to RL."""
     seed: int = 0
     """Tiny default model: initialisation and warm-start seed."""
 

@@ -24,15 +24,16 @@ from launch.config import ModelConfig
 from launch.data import arithmetic_corpus, arithmetic_examples
 
 EOS, PAD = "<|eos|>", "<|pad|>"
+BUILD_VERSION = 2  # bump when the recipe changes, so cached builds are not reused
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-free BPE whose digits stay single tokens, so answers tokenise the same in every context."""
+    """A BPE whose digits and symbols stay single tokens, so an answer tokenises the same in every context."""
     tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation(), pre_tokenizers.Metaspace()]
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()]
     )
-    tok.decoder = decoders.Metaspace()
+    tok.decoder = decoders.BPEDecoder()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS, "<|unk|>"], show_progress=False)
     tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token="<|unk|>")
@@ -90,7 +91,7 @@ def warm_start(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, cfg: 
 
 def build_default_model(cfg: ModelConfig, max_operand: int, cache_dir: str | os.PathLike) -> str:
     """Build (or reuse) the tiny model directory for `cfg`; returns its path (HF format, safetensors)."""
-    key = hashlib.sha256((cfg.model_dump_json(exclude={"path"}) + f"/{max_operand}").encode()).hexdigest()[:12]
+    key = hashlib.sha256((cfg.model_dump_json(exclude={"path"}) + f"/{max_operand}/{BUILD_VERSION}").encode()).hexdigest()[:12]
     out = Path(cache_dir) / f"tiny-qwen2-{key}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return str(out)

@@ -19,7 +19,7 @@ class LearnerConfig(BaseModel):
     """GPUs each learner rank reserves (1 on GPU clusters)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage."""
-    total_steps: int = Field(60, ge=1)
+    total_steps: int = Field(800, ge=1)
     """Optimizer steps in the run."""
     groups_per_step: int = Field(16, ge=1)
     """Prompt groups in one optimizer step (rows = groups_per_step * actors.n)."""
@@ -27,7 +27,7 @@ class LearnerConfig(BaseModel):
     """Groups per forward/backward; gradient accumulation covers the rest of the step."""
     updates_per_batch: int = Field(1, ge=1)
     """Optimizer passes over each sampled batch (PPO epochs); >1 makes proximal log-probs matter."""
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(3e-4, gt=0)
     """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""

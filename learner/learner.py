@@ -113,7 +113,7 @@ class Learner:
                     metrics["kl_to_ref"] = kl_k3(logp.detach().float(), inputs.ref_logp, mask)
                 self.engine.backward(loss)
                 self.engine.step()
-                metrics = {**metrics, "loss": float(loss), "entropy_mean": float((entropy * mask).sum() / mask.sum())}
+                metrics = {**metrics, "loss": loss.item(), "entropy_mean": float((entropy * mask).sum() / mask.sum())}
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n_micro += 1
@@ -124,6 +124,7 @@ class Learner:
         out.update(
             reward_mean=float(full.rewards.mean()), response_length_mean=float(lengths.mean()),
             staleness_mean=float(staleness.mean()), staleness_max=float(staleness.max()),
+            behaviour_version_max=float(full.versions.max()),
             tokens=float(lengths.sum()), rows=float(len(full)),
             learner_step_s=time.perf_counter() - t0, lr=float(self.engine.get_lr()[0]),
         )
@@ -138,7 +139,7 @@ class Learner:
         t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         summed = ("tokens", "rows")
-        maxed = ("staleness_max",)
+        maxed = ("staleness_max", "behaviour_version_max")
         out = {k: float(v) if k in summed else float(v) / self.world_size for k, v in zip(keys, t.tolist())}
         for k in maxed:  # a max across ranks, not a mean
             m = torch.tensor([metrics[k]], dtype=torch.float64, device=self.device)

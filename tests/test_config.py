@@ -1,0 +1,93 @@
+"""The typed config: defaults, shipped YAML files, dotted overrides, and bad input failing early with one line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.config import ConfigError, RunConfig, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid_and_consistent():
+    cfg = load_config()
+    assert cfg == RunConfig()
+    assert cfg.buffer.max_staleness >= cfg.learner.publish_every - 1
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("**/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    load_config(str(path))
+
+
+def test_dotted_overrides_parse_yaml_scalars():
+    cfg = load_config(None, parse_overrides(["--learner.lr", "1e-5", "--actors.n=4", "--buffer.max_staleness", "0"]))
+    assert cfg.learner.lr == 1e-5 and cfg.actors.n == 4 and cfg.buffer.max_staleness == 0
+    cfg = load_config(None, parse_overrides(["--learner.objective.name", "agro", "--learner.objective.beta", "0.05"]))
+    assert cfg.learner.objective.name == "agro" and cfg.learner.objective.beta == 0.05
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--learner.lrr", "1"], "unknown config key 'learner.lrr'"),
+        (["--nonsense", "1"], "unknown config key 'nonsense'"),
+        (["--learner.groups_per_step", "-4"], "'learner.groups_per_step'"),
+        (["--actors.temperature", "hot"], "'actors.temperature'"),
+        (["--model.path", "/does/not/exist"], "'model.path': /does/not/exist does not exist"),
+        (["--data.train", "/no/such/prompts.jsonl"], "dataset file /no/such/prompts.jsonl does not exist"),
+        (["--learner.num_ranks", "3"], "not divisible by learner.num_ranks=3"),
+        (["--learner.publish_every", "4", "--buffer.max_staleness", "1"], "'buffer.max_staleness'"),
+        (["--actors.prompts_per_request", "64", "--buffer.max_staleness", "0"], "'actors.prompts_per_request'"),
+        (["--learner.objective.name", "no_such_loss"], "'learner.objective.name'"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, parse_overrides(overrides))
+    assert message in str(err.value)
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("learner:\n  batch: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'learner.batch'"):
+        load_config(str(nested))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_input_fails_with_one_line_before_any_actor():
+    for args, needle in ((["--learner.groups_per_step", "-1"], "learner.groups_per_step"),
+                         (["--model.path", "/missing/model"], "/missing/model"),
+                         (["--data.train", "/missing.jsonl"], "/missing.jsonl"),
+                         (["--learner.batch", "3"], "unknown config key 'learner.batch'")):
+        proc = _cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        lines = [l for l in proc.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and needle in lines[0], proc.stderr
+        assert "ray" not in proc.stdout.lower()
+
+
+def test_cli_dry_run_prints_config_and_placement():
+    import yaml
+
+    proc = _cli("--dry-run", "--actors.num_actors", "3", "--learner.num_ranks", "2")
+    assert proc.returncode == 0, proc.stderr
+    out = yaml.safe_load(proc.stdout)
+    rows = {r["actor"]: r for r in out["placement"]}
+    assert rows["rollout"]["count"] == 3 and rows["learner_rank"]["count"] == 2
+    assert out["config"]["actors"]["num_actors"] == 3
+    json.dumps(out)  # plain data only
