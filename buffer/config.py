@@ -42,3 +42,13 @@ class BufferConfig(pydantic.BaseModel, extra="forbid"):
     """Directory under run_dir that save()/load() use when no path is given."""
     seed: int = 0
     """Seeds the uniform and prioritized samplers."""
+
+    @pydantic.model_validator(mode="after")
+    def _spi_within_reuse(self) -> "BufferConfig":
+        # Each group can be served max_reuse times, so a higher ratio would starve the sampler forever.
+        if self.samples_per_insert is not None and self.samples_per_insert > self.max_reuse:
+            raise ValueError(
+                f"buffer.samples_per_insert={self.samples_per_insert} > buffer.max_reuse={self.max_reuse}:"
+                " the limiter would wait for samples no group can give"
+            )
+        return self

@@ -88,3 +88,22 @@ def rollouts_from_arrow(data: pa.RecordBatch | pa.Table) -> list[Rollout]:
     if not data.schema.equals(ROLLOUT_SCHEMA):
         data = data.select(_FIELDS).cast(ROLLOUT_SCHEMA)
     return [Rollout(**row) for row in data.to_pylist()]
+
+
+def missing_behaviour_logprobs(data: pa.RecordBatch | pa.Table) -> list[bool]:
+    """Per row: whether its behaviour log-probs are unknown (NaN), e.g. offline data without them.
+
+    The learner must replace such rows' behaviour_logprobs by log-probs it recomputes, (T,) each,
+    before an importance ratio is formed; see buffer/offline.py.
+    """
+    import pyarrow.compute as pc
+
+    col = data.column("behaviour_logprobs")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    nan = pc.is_nan(pc.list_flatten(col)).to_pylist()
+    parents = pc.list_parent_indices(col).to_pylist()
+    out = [False] * len(col)
+    for row, is_nan in zip(parents, nan):
+        out[row] = out[row] or is_nan
+    return out
