@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from buffer.schema import ROLLOUT_SCHEMA
 
@@ -22,10 +21,11 @@ class GroupEntry:
     offline: bool  # loaded from a data set: no admission slot, exempt from the staleness bound
     score: float  # mean |reward - group mean reward|, the prioritized sampler's advantage score
     times_served: int = 0
+    nbytes: int = -1  # of the batch; computed once, since nbytes of a slice walks every buffer
 
-    @property
-    def nbytes(self) -> int:
-        return self.batch.nbytes
+    def __post_init__(self) -> None:
+        if self.nbytes < 0:
+            self.nbytes = self.batch.nbytes
 
 
 def as_rollout_batch(data: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
@@ -63,9 +63,9 @@ def split_groups(batch: pa.RecordBatch) -> list[tuple[str, pa.RecordBatch]]:
 
 def advantage_score(group: pa.RecordBatch) -> float:
     """Mean |reward - group mean|: how much a group-relative objective can learn from the group."""
-    reward = group.column("reward")
-    mean = pc.mean(reward).as_py() or 0.0
-    return float(pc.mean(pc.abs(pc.subtract(reward, mean))).as_py() or 0.0)
+    rewards = group.column("reward").to_pylist()  # a handful of values: Python beats three compute kernels
+    mean = sum(rewards) / len(rewards)
+    return sum(abs(r - mean) for r in rewards) / len(rewards)
 
 
 class GroupAssembler:
@@ -77,7 +77,7 @@ class GroupAssembler:
     def add(self, group_id: str, part: pa.RecordBatch) -> pa.RecordBatch | None:
         """The complete group once this part completes it, else None; raises on an inconsistent group."""
         parts = self.pending.get(group_id, []) + [part]
-        sizes = set(pc.unique(pa.chunked_array([p.column("group_size") for p in parts])).to_pylist())
+        sizes = {size for p in parts for size in p.column("group_size").to_pylist()}
         if len(sizes) != 1:
             raise ValueError(f"group {group_id}: rows disagree on group_size {sorted(sizes)}")
         size = sizes.pop()
