@@ -26,7 +26,9 @@ def make_buffer_actor(
 ) -> ray.actor.ActorHandle:
     """Start the buffer actor; name it to let other processes find it with ray.get_actor(name)."""
     if max_concurrency < 4:
-        raise ValueError(f"buffer actor needs max_concurrency >= 4 so blocked calls do not starve the rest, got {max_concurrency}")
+        raise ValueError(
+            f"buffer actor needs max_concurrency >= 4 so blocked calls do not starve the rest, got {max_concurrency}"
+        )
     options = {"num_cpus": num_cpus, "max_concurrency": max_concurrency}
     if name is not None:
         options["name"] = name

@@ -52,3 +52,12 @@ class BufferConfig(pydantic.BaseModel, extra="forbid"):
                 " the limiter would wait for samples no group can give"
             )
         return self
+
+    @pydantic.model_validator(mode="after")
+    def _min_size_within_capacity(self) -> "BufferConfig":
+        if self.min_size_groups > self.capacity_groups:
+            raise ValueError(
+                f"buffer.min_size_groups={self.min_size_groups} > buffer.capacity_groups={self.capacity_groups}:"
+                " sampling could never start"
+            )
+        return self

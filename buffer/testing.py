@@ -44,7 +44,9 @@ def fake_batch(group_ids: list[str], **kwargs) -> pa.RecordBatch:
     return rollouts_to_arrow([r for gid in group_ids for r in fake_group(gid, **kwargs)])
 
 
-def fake_group_fast(group_id: str, group_size: int, response_len: int, prompt_len: int = 64, version: int = 0) -> pa.RecordBatch:
+def fake_group_fast(
+    group_id: str, group_size: int, response_len: int, prompt_len: int = 64, version: int = 0
+) -> pa.RecordBatch:
     """A large group built column-wise (no per-token Python objects): for benchmarks."""
     n_tok = prompt_len + response_len
     tokens = pa.ListArray.from_arrays(

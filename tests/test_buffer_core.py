@@ -136,6 +136,8 @@ def test_config_rejects_invalid_combinations():
     with pytest.raises(pydantic.ValidationError):
         BufferConfig(samples_per_insert=2.0, max_reuse=1)
     with pytest.raises(pydantic.ValidationError):
+        BufferConfig(min_size_groups=8, capacity_groups=4)
+    with pytest.raises(pydantic.ValidationError):
         BufferConfig(max_staleness=-1)
     with pytest.raises(pydantic.ValidationError):
         BufferConfig(capacity=3)  # unknown key
