@@ -62,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump({"config": cfg.model_dump(mode="json"), "placement": placement(cfg)}, sort_keys=False))
         return 0
     run_dir = Path(args.run_dir or Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     summary = run(cfg, run_dir)
     print("relay: done " + json.dumps(summary))
     return 0
@@ -75,6 +73,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     from launch.loop import Launcher
     from launch.model import build_default_model
 
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     model_path = cfg.model.path or build_default_model(cfg.model, cfg.data.max_operand, Path(cfg.output_dir) / "_models")
     started = init_ray(cfg)
     try:

@@ -15,4 +15,4 @@ def tiny_model_dir(tmp_path_factory) -> str:
     from launch.config import ModelConfig
     from launch.model import build_default_model
 
-    return build_default_model(ModelConfig(warm_start_steps=150), max_operand=4, cache_dir=tmp_path_factory.mktemp("models"))
+    return build_default_model(ModelConfig(warm_start_steps=30), max_operand=4, cache_dir=tmp_path_factory.mktemp("models"))

@@ -23,8 +23,8 @@ def _run(tmp_path, tiny_model_dir, *overrides: str):
 
 
 def test_async_run_learns_with_bounded_staleness(tmp_path, tiny_model_dir):
-    steps = 120
-    cfg, summary, rows = _run(tmp_path, tiny_model_dir, "--learner.total_steps", str(steps), "--learner.lr", "1e-3",
+    steps = 200
+    cfg, summary, rows = _run(tmp_path, tiny_model_dir, "--learner.total_steps", str(steps), "--learner.lr", "5e-4",
                               "--actors.num_actors", "2", "--actors.num_cpus", "0.5", "--buffer.max_staleness", "2",
                               "--actors.prompts_per_request", "8", "--learner.groups_per_step", "8",
                               "--learner.micro_batch_groups", "8")
@@ -38,11 +38,14 @@ def test_async_run_learns_with_bounded_staleness(tmp_path, tiny_model_dir):
     assert max(r["staleness_max"] for r in rows) <= 2
     assert max(r["behaviour_version_max"] for r in rows) >= steps - 4
     # the learnable task is learned
-    third = steps // 3
-    first = sum(r["reward_mean"] for r in rows[:third]) / third
-    last = sum(r["reward_mean"] for r in rows[-third:]) / third
-    assert last > first + 0.1, (first, last)
-    assert summary["buffer"]["drops_stale_at_sample"] == 0
+    quarter = steps // 4
+    first = sum(r["reward_mean"] for r in rows[:quarter]) / quarter
+    last = sum(r["reward_mean"] for r in rows[-quarter:]) / quarter
+    assert last > first + 0.08, (first, last)
+    # nothing is lost uncounted: every inserted group was trained on, dropped for a counted reason, or is still held
+    b = summary["buffer"]
+    assert b["inserts"] == b["samples"] + b["drops_stale_at_sample"] + b["drops_evicted_unsampled"] + b["size_groups"]
+    assert b["samples"] == steps * 8
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
     # the final checkpoint is Hugging Face format that transformers and vLLM both load
@@ -64,4 +67,5 @@ def test_sync_mode_has_zero_staleness(tmp_path, tiny_model_dir):
         "--learner.objective.name", "tis", "--weights.transport", "disk", "--learner.zero_stage", "2")
     assert len(rows) == 8
     assert all(r["staleness_max"] == 0 for r in rows)
+    assert summary["buffer"]["drops_stale_at_sample"] == 0  # one actor: admission alone keeps every group fresh
     assert [r["behaviour_version_max"] for r in rows] == list(range(8))  # each step trains on the previous step's weights

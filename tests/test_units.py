@@ -105,6 +105,9 @@ def test_disk_transport_roundtrip_keeps_latest_and_times_out(tmp_path):
     t = DiskTransport(str(tmp_path), keep=2)
     state = {"w": torch.randn(3, 4), "b": torch.randn(4).to(torch.bfloat16)}
     handles = [t.publish(v, {k: x + v for k, x in state.items()}) for v in (1, 2, 3)]
+    tied = torch.randn(5, 2)
+    got = dict(t.fetch(t.publish(4, {"embed": tied, "lm_head": tied}), timeout_s=1))  # tied embeddings share storage
+    assert torch.equal(got["embed"], tied) and torch.equal(got["lm_head"], tied)
     got = dict(t.fetch(handles[-1], timeout_s=1))
     assert torch.equal(got["w"], state["w"] + 3) and got["b"].dtype == torch.bfloat16
     assert len(list(tmp_path.glob("*.safetensors"))) == 2  # older versions are cleaned up

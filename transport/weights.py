@@ -107,7 +107,11 @@ class DiskTransport(WeightTransport):
 
         path = self.dir / f"weights-v{version:08d}.safetensors"
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        tensors, seen = {}, set()
+        for k, v in state.items():  # tied weights share storage, which safetensors refuses: copy the second name
+            v = v.detach().cpu().contiguous()
+            tensors[k] = v.clone() if v.data_ptr() in seen else v
+            seen.add(v.data_ptr())
         save_file(tensors, str(tmp), metadata={"version": str(version)})
         os.replace(tmp, path)
         for old in sorted(self.dir.glob("weights-v*.safetensors"))[: -self.keep]:
