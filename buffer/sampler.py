@@ -10,12 +10,14 @@ from buffer.groups import GroupEntry
 def choose(entries: list[GroupEntry], n_groups: int, cfg: BufferConfig, rng: np.random.Generator) -> list[GroupEntry]:
     """n distinct groups (the caller checked len(entries) >= n), in the order they are served.
 
-    fifo: arrival order, but every held group is served once before any is served again
-    (with max_reuse > 1 this is a queue that re-enters served groups at its back).
+    fifo: oldest behaviour version first, then arrival order; every held group is served once before any
+    is served again (with max_reuse > 1 this is a queue that re-enters served groups at its back). Ordering
+    by version first matters with several rollout actors: groups arrive out of admission order, and serving
+    the stalest first keeps them inside the staleness bound instead of dropping them.
     uniform: every held group equally likely. prioritized: p_i ~ (score_i + eps)^alpha.
     """
     if cfg.sampler == "fifo":
-        return sorted(entries, key=lambda e: (e.times_served, e.seq))[:n_groups]
+        return sorted(entries, key=lambda e: (e.times_served, e.policy_version, e.seq))[:n_groups]
     if cfg.sampler == "uniform":
         idx = rng.choice(len(entries), size=n_groups, replace=False)
         return [entries[i] for i in idx]

@@ -143,3 +143,13 @@ def test_config_rejects_invalid_combinations():
         BufferConfig(capacity=3)  # unknown key
     with pytest.raises(ValueError, match="spi_tolerance"):
         ReplayBuffer(BufferConfig(samples_per_insert=1.0, spi_tolerance=1.0), groups_per_step=8)
+
+
+def test_fifo_serves_the_oldest_behaviour_version_first():
+    """Groups from several actors arrive out of admission order; the stalest is served first so it stays in bound."""
+    buf = ReplayBuffer(BufferConfig(sampler="fifo", max_staleness=2), groups_per_step=1)
+    buf.put(fake_batch(["new"], policy_version=3))
+    buf.put(fake_batch(["old"], policy_version=1))
+    buf.put(fake_batch(["mid"], policy_version=2))
+    assert [group_ids(buf.sample(1, 3, timeout=1)) for _ in range(3)] == [["old"], ["mid"], ["new"]]
+    assert buf.stats()["drops_stale_at_sample"] == 0
