@@ -1,6 +1,7 @@
 """The rollout actor: a thin Ray shell around `Generator` that also talks to the buffer and the transport."""
 from __future__ import annotations
 
+import os
 import time
 
 import ray
@@ -26,12 +27,16 @@ class RolloutActor:
         self.gen.load_weights(handle.version, self.transport.fetch(handle, self.fetch_timeout_s))
         return time.perf_counter() - t0
 
-    def generate(self, prompts: list[Prompt], handle: WeightHandle | None, put_timeout_s: float) -> GenerationResult:
+    def generate(self, prompts: list[Prompt], handle: WeightHandle | None, put_timeout_s: float,
+                 request_id: str | None = None) -> GenerationResult:
+        """Sample, score and push one request's groups. The put carries `request_id`, so the buffer refuses a
+        second copy of a request the launcher re-issued after believing this actor dead."""
         load_s = self.sync(handle)
         result = self.gen.generate(prompts)
         result.load_s = load_s
-        if result.batch is not None:
-            ray.get(self.buffer.put.remote(result.batch), timeout=put_timeout_s)
+        if result.batch is not None or request_id is not None:
+            put = self.buffer.put.remote(result.batch, None, request_id, result.skipped)
+            result.duplicate = ray.get(put, timeout=put_timeout_s) < 0
         result.batch = None  # the rows went to the buffer; only the summary returns to the launcher
         return result
 
@@ -41,6 +46,10 @@ class RolloutActor:
 
     def version(self) -> int:
         return self.gen.version
+
+    def pid(self) -> int:
+        """The worker process id (operators and fault-injection tests kill it from outside)."""
+        return os.getpid()
 
 
 def make_rollout_actor(cfg: ActorConfig, index: int, **kwargs):

@@ -38,6 +38,7 @@ class GenerationResult:
     gen_s: float
     load_s: float  # time spent applying new weights before sampling (0 if none)
     skipped: dict[str, int]  # reason -> groups
+    duplicate: bool = False  # the buffer already held this request (a re-issue raced the original)
 
 
 class Generator:

@@ -53,6 +53,7 @@ class ReplayBuffer:
         self._learner_version = 0
         self._checked_version = 0  # learner version the held groups were last checked for staleness at
         self._next_seq = 0
+        self._requests: dict[str, dict] = {}  # request_id -> {"stored": groups, "skipped": {reason: groups}}
         self._drops: collections.Counter[str] = collections.Counter({r: 0 for r in DROP_REASONS})
         self._staleness_hist: collections.Counter[int] = collections.Counter()
         self._counts: collections.Counter[str] = collections.Counter()  # evicted_sampled, served_offline, ...
@@ -78,22 +79,42 @@ class ReplayBuffer:
             self._admission.release(n_groups)
             self._cond.notify_all()
 
-    def put(self, batch: pa.RecordBatch | pa.Table, timeout: float | None = None) -> int:
+    def put(self, batch: pa.RecordBatch | pa.Table | None, timeout: float | None = None,
+            request_id: str | None = None, skipped: dict[str, int] | None = None) -> int:
         """Store the whole groups in batch; returns groups stored. Parts of groups wait for the rest.
 
+        With a `request_id` the put is idempotent: a request already recorded is refused (counted as
+        `duplicate_puts`, returns -1), so a generation re-issued after its actor died cannot enter twice.
+        The request's outcome (groups stored, groups the generator skipped by reason) is kept for the
+        run's ledger; `batch` may be None when every group of the request was skipped.
         Blocks while the samples-per-insert limiter says inserts are too far ahead; raises
         TimeoutError after timeout seconds of that.
         """
-        parts = split_groups(as_rollout_batch(batch))  # outside the lock: producers validate in parallel
+        parts = split_groups(as_rollout_batch(batch)) if batch is not None else []  # outside the lock
         with self._cond:
-            if not self._wait(self._limiter.can_insert, timeout, "insert"):
+            if request_id is not None and request_id in self._requests:
+                self._counts["duplicate_puts"] += 1
+                return -1
+            if parts and not self._wait(self._limiter.can_insert, timeout, "insert"):
                 raise TimeoutError(
                     f"ReplayBuffer.put (insert side) blocked {timeout}s by the samples_per_insert limiter "
                     f"(inserts={self._limiter.inserts}, samples={self._limiter.samples}): is the learner sampling?"
                 )
             stored = self._add_parts(parts, offline=False)
+            if request_id is not None:
+                self._requests[request_id] = {"stored": stored, "skipped": dict(skipped or {})}
             self._cond.notify_all()
         return stored
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether a put carrying request_id was recorded (the launcher asks before re-issuing one)."""
+        with self._cond:
+            return request_id in self._requests
+
+    def ledger(self) -> dict:
+        """Per-request outcomes and the ids of complete groups held now: what the run's accounting needs."""
+        with self._cond:
+            return {"requests": dict(self._requests), "held_group_ids": list(self._groups)}
 
     def load_offline(self, path: str) -> int:
         """Add rollouts from Parquet/JSONL files as offline groups (see buffer/offline.py); returns groups stored.
@@ -296,6 +317,8 @@ class ReplayBuffer:
             "drops": dict(self._drops),
             "counts": dict(self._counts),
             "staleness_hist": {str(k): n for k, n in self._staleness_hist.items()},
+            "requests": {k: dict(v) for k, v in self._requests.items()},
+            "rng": self._rng.bit_generator.state,
         }
 
     def _restore_counters(self, c: dict) -> None:
@@ -307,3 +330,6 @@ class ReplayBuffer:
         self._drops.update(c["drops"])
         self._counts.update(c["counts"])
         self._staleness_hist.update({int(k): n for k, n in c["staleness_hist"].items()})
+        self._requests = {k: dict(v) for k, v in c.get("requests", {}).items()}
+        if "rng" in c:  # the uniform/prioritized samplers continue the same random stream
+            self._rng.bit_generator.state = c["rng"]
