@@ -24,13 +24,24 @@ class LearnerRank:
         metrics = self.learner.train_step(batch)
         handle, publish_s = self.learner.publish(self.transport) if publish else (None, 0.0)
         metrics["weight_sync_s"] = publish_s
-        return {"metrics": metrics, "handle": handle, "step": self.learner.step}
+        # Every rank receives the whole batch; rank 0 reports its groups for the run's exactly-once ledger.
+        group_ids = batch.column("group_id").unique().to_pylist() if self.learner.rank == 0 else []
+        return {"metrics": metrics, "handle": handle, "step": self.learner.step, "group_ids": group_ids}
 
     def publish(self):
         return self.learner.publish(self.transport)[0]
 
     def save_pretrained(self, out_dir: str):
         return self.learner.save_pretrained(out_dir)
+
+    def save_checkpoint(self, directory: str) -> None:
+        self.learner.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> int:
+        return self.learner.load_checkpoint(directory)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()

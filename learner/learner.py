@@ -195,3 +195,21 @@ class Learner:
             shutil.rmtree(out)
         os.replace(tmp, out)
         return str(out)
+
+    # ---- resumable state -----------------------------------------------------------------------
+    def save_checkpoint(self, directory: str) -> None:
+        """Optimizer, scheduler, (partitioned) parameters, step and RNG for an exact resume; every rank must call.
+
+        This is DeepSpeed's own format (it knows how each ZeRO stage partitions state); the weights users and
+        generators load are written separately as safetensors by `save_pretrained`."""
+        self.engine.save_checkpoint(directory, tag="state", save_latest=False,
+                                    client_state={"step": self.step, "torch_rng": torch.get_rng_state()})
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore what `save_checkpoint` wrote; returns the restored step (the policy version)."""
+        path, client = self.engine.load_checkpoint(directory, tag="state")
+        if path is None:
+            raise FileNotFoundError(f"learner checkpoint {directory}: no DeepSpeed state under tag 'state'")
+        self.step = int(client["step"])
+        torch.set_rng_state(client["torch_rng"])
+        return self.step
