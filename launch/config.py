@@ -61,10 +61,12 @@ class DataConfig(BaseModel):
 class WeightSyncConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    transport: Literal["object_store", "disk"] = "object_store"
-    """How weights travel learner -> generators (NCCL: see the weight-broadcast issue)."""
+    transport: Literal["object_store", "disk", "nccl"] = "object_store"
+    """How weights travel learner -> generators; nccl (GPU clusters) pushes through vLLM's weight-transfer engine."""
     timeout_s: float = Field(120.0, gt=0)
-    """A fetch that takes longer fails naming the version."""
+    """A fetch, or any call of a weight push, that takes longer fails naming the version and the generator."""
+    bucket_mb: float = Field(256.0, gt=0)
+    """nccl: weights are broadcast packed into buckets of about this size (a larger tensor travels alone)."""
 
 
 class RayConfig(BaseModel):

@@ -132,9 +132,15 @@ class DiskTransport(WeightTransport):
         return iter(tensors)
 
 
-def make_transport(name: str, run_dir: str) -> WeightTransport:
+def make_transport(name: str, run_dir: str, bucket_mb: float = 256.0, timeout_s: float = 120.0,
+                   master_address: str = "127.0.0.1", master_port: int = 0) -> WeightTransport:
+    """A pull transport ready to use, or a push transport ("nccl") that still needs `connect(generators)`."""
     if name == "object_store":
         return ObjectStoreTransport()
     if name == "disk":
         return DiskTransport(os.path.join(run_dir, "weights"))
-    raise ValueError(f"weights.transport {name!r}: available on this build: object_store, disk")
+    if name == "nccl":
+        from transport.nccl import NcclTransport  # raises on a machine without CUDA
+
+        return NcclTransport(bucket_mb, timeout_s, master_address, master_port)
+    raise ValueError(f"weights.transport {name!r}: available: object_store, disk, nccl")

@@ -1,0 +1,158 @@
+"""Weights pushed through vLLM's weight-transfer engine API, with a deadline on every call.
+
+vLLM exposes one control plane for live weight updates: `init_weight_transfer_engine`
+once, then per version `start_weight_update`, `update_weights` (one call per
+bucket, or one call that streams every bucket over NCCL) and
+`finish_weight_update`. The engine named in the vLLM config moves the data:
+`nccl` on GPU clusters (transport/nccl.py), `relay_cpu` here (transport/cpu_engine.py,
+buckets through shared memory), so the same call sequence runs in CPU tests.
+
+These transports push: `publish` returns once every generator has applied the
+version whole, so there is nothing left for a generator to fetch. Every call
+to a generator has a deadline; a generator that does not answer produces a
+`TimeoutError` naming it and the version instead of a hang.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transport.buckets import BucketMeta, pack_bucket, plan_for_state
+from transport.weights import NamedTensors, WeightHandle, WeightTransport
+
+
+class TimedClient:
+    """vLLM's trainer-side `VLLMWeightSyncClient` over named generators, each call bounded by `timeout_s`.
+
+    A peer is a Ray actor handle whose class delegates the five weight-transfer methods to a `Generator`,
+    or a local object with those methods (tests, single-process runs). All peers are called concurrently:
+    NCCL needs every receiver inside `update_weights` while the trainer broadcasts."""
+
+    def __init__(self, peers: dict[str, Any], timeout_s: float):
+        if not peers:
+            raise ValueError("a weight-transfer client needs at least one generator")
+        self.peers, self.timeout_s = dict(peers), timeout_s
+        self.version: int | None = None  # the version being sent, for error messages and finish
+
+    def _call(self, method: str, *args) -> None:
+        """Call `method` on every peer at once, each on a daemon thread (a stuck peer must neither block the
+        caller past the deadline nor keep the process alive at exit); raise naming the peers that failed."""
+        what = f"weights version {self.version}" if self.version is not None else "weight transfer"
+        results: dict[str, BaseException | None] = {}
+        threads = {name: threading.Thread(target=_run_into, args=(results, name, getattr(peer, method), args),
+                                          daemon=True, name=f"weights-{method}-{name}")
+                   for name, peer in self.peers.items()}
+        for t in threads.values():
+            t.start()
+        deadline = time.monotonic() + self.timeout_s
+        for t in threads.values():
+            t.join(max(deadline - time.monotonic(), 0.0))
+        for name, exc in list(results.items()):  # a late thread may still add its entry
+            if exc is not None:
+                raise RuntimeError(f"{what}: {method} failed on generator {name}: {exc}") from exc
+        if pending := sorted(n for n, t in threads.items() if t.is_alive()):
+            raise TimeoutError(f"{what}: {method} did not return within {self.timeout_s}s on generator(s) {', '.join(pending)}")
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._call("init_weight_transfer_engine", init_info)
+
+    def start_weight_update(self) -> None:
+        self._call("start_weight_update")
+
+    def update_weights(self, update_info: dict | list[dict]) -> None:
+        self._call("update_weights", update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        version = weight_version if weight_version is not None else (None if self.version is None else str(self.version))
+        self._call("finish_weight_update", version)
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._call("shutdown_weight_transfer_engine")
+
+
+
+def _run_into(results: dict, name: str, fn, args: tuple) -> None:
+    try:
+        if hasattr(fn, "remote"):  # a Ray actor method: wait for its result on this thread
+            import ray
+
+            ray.get(fn.remote(*args))
+        else:
+            fn(*args)
+        results[name] = None
+    except BaseException as exc:  # reported by the caller, naming the peer
+        results[name] = exc
+
+
+class PushTransport(WeightTransport):
+    """A transport that applies each version in every generator during `publish`."""
+
+    client: TimedClient | None = None
+
+    def connect(self, client: TimedClient) -> None:
+        self.client = client
+        self.client.init_weight_transfer_engine(self.init_info())
+
+    def init_info(self) -> dict:
+        return {}
+
+    def _client(self, version: int) -> TimedClient:
+        if self.client is None:
+            raise RuntimeError(f"weights version {version}: {self.name} transport is not connected to any generator "
+                               "(call connect() with the generators first)")
+        return self.client
+
+    def fetch(self, handle: WeightHandle, timeout_s: float) -> NamedTensors:
+        raise RuntimeError(f"weights version {handle.version}: the {self.name} transport pushes weights during publish; "
+                           "a generator that did not receive it cannot fetch it later")
+
+
+class SharedMemoryTransport(PushTransport):
+    """CPU stand-in for NCCL through the same vLLM API: each bucket is a file in shared memory (/dev/shm) and
+    `update_weights` carries its path and layout, one call per bucket. Generators must share the host."""
+
+    name = "relay_cpu"
+
+    def __init__(self, bucket_mb: float = 256.0, directory: str | None = None):
+        self.bucket_bytes = max(int(bucket_mb * 2**20), 1)
+        base = directory or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+        self.dir = Path(tempfile.mkdtemp(prefix="relay-weights-", dir=base))
+
+    def publish(self, version: int, state: dict[str, torch.Tensor]) -> WeightHandle:
+        client = self._client(version)
+        plan = plan_for_state(state, self.bucket_bytes)
+        if not plan:
+            raise ValueError(f"weights version {version}: the state holds no tensors")
+        client.version = version
+        vdir = self.dir / f"v{version:08d}"
+        vdir.mkdir(exist_ok=True)
+        try:
+            client.start_weight_update()
+            for bucket in plan:
+                path = vdir / f"bucket{bucket.index:05d}.bin"
+                _write_bucket(state, bucket, path)
+                client.update_weights({"path": str(path), "bucket": asdict(bucket)})
+            client.finish_weight_update()
+        finally:
+            shutil.rmtree(vdir, ignore_errors=True)
+        return WeightHandle(version, self.name, {"buckets": plan}, sum(b.nbytes for b in plan), {}, time.time())
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _write_bucket(state: dict[str, torch.Tensor], bucket: BucketMeta, path: Path) -> None:
+    """Pack straight into a file-backed buffer, then rename, so a reader never sees a partial bucket."""
+    tmp = path.with_suffix(".tmp")
+    buf = torch.from_file(str(tmp), shared=True, size=bucket.nbytes, dtype=torch.uint8)
+    pack_bucket(state, bucket, out=buf)
+    del buf
+    os.replace(tmp, path)
