@@ -1,1 +1,5 @@
-"""Benchmarks: each module has run(quick) -> dict and prints its JSON when run as a script."""
+"""Benchmarks: `python -m benchmarks.run [--quick]` measures every ratio in one run (see benchmarks/run.py).
+
+Each module has `run(quick) -> dict | list[dict]` (result rows, see `common.result`) and prints its JSON
+when run as a script; `common` holds the statistics, the models, machine facts and the writers.
+"""

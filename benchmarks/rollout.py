@@ -1,0 +1,121 @@
+"""Rollout path vs bare vLLM: tokens/s through Relay's rollout actor against `LLM.generate` alone.
+
+Relay's path is everything a request costs: the Ray call, sampling with
+behaviour log-probs, scoring, the Arrow record batch and the buffer insert,
+timed from the driver. The baseline is the same engine's `LLM.generate` on the
+same token prompts and `SamplingParams`, timed inside its own actor (so no Ray
+call is in it), in an actor with the same CPU reservation and environment.
+Both run the default job's model and sampling settings, alternately.
+
+    .venv/bin/python -m benchmarks.rollout [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import ray
+
+from actors.actor import make_rollout_actor
+from actors.config import ActorConfig
+from actors.generator import Generator, Prompt
+from benchmarks.common import VLLM_ENV, default_job_model, result, spread
+from buffer.actor import make_buffer_actor
+from buffer.config import BufferConfig
+from launch.data import load_prompts
+from transport.weights import make_transport
+
+MAX_MODEL_LEN = 64
+
+
+class BareVLLM:
+    """The baseline: a Generator's own engine, called with `LLM.generate` and nothing around it."""
+
+    def __init__(self, cfg: ActorConfig, model_path: str):
+        self.gen = Generator(cfg, model_path, "gen-0", MAX_MODEL_LEN)  # same engine args and seed as Relay's actor 0
+
+    def generate(self, requests: list[list[Prompt]]) -> tuple[int, float]:
+        """(response tokens, seconds) over the requests, one `LLM.generate` each, as the rollout actor issues them."""
+        tok, params = self.gen.tokenizer, self.gen.sampling_params()
+        token_prompts = [[{"prompt_token_ids": tok(p.text, add_special_tokens=False)["input_ids"]} for p in r]
+                         for r in requests]  # tokenising is outside the clock: the bare path starts from token ids
+        t0 = time.perf_counter()
+        outs = [self.gen.llm.generate(tp, params, use_tqdm=False) for tp in token_prompts]
+        elapsed = time.perf_counter() - t0
+        return sum(len(c.token_ids) for batch in outs for o in batch for c in o.outputs), elapsed
+
+
+def make_requests(n_requests: int, prompts_per_request: int, offset: int = 0) -> list[list[Prompt]]:
+    prompts = load_prompts("synthetic:arithmetic").prompts
+    flat = [prompts[(offset + i) % len(prompts)] for i in range(n_requests * prompts_per_request)]
+    return [flat[i : i + prompts_per_request] for i in range(0, len(flat), prompts_per_request)]
+
+
+def sink_buffer():
+    """A buffer that accepts every put (no admission, no limiter) and evicts the oldest: the actors' sink."""
+    cfg = BufferConfig(capacity_groups=4096, staleness_policy="drop", max_staleness=10**9)
+    return make_buffer_actor(cfg, groups_per_step=1, run_dir=None)
+
+
+def start_actors(cfg: ActorConfig, model_path: str, count: int, buffer) -> list:
+    actors = [make_rollout_actor(cfg, i, model_path=model_path, max_model_len=MAX_MODEL_LEN, buffer=buffer,
+                                 transport=make_transport("object_store", ""), fetch_timeout_s=120) for i in range(count)]
+    ray.get([a.version.remote() for a in actors])  # engines up before any clock starts
+    return actors
+
+
+def relay_tokens_per_s(actors: list, requests: list[list[Prompt]]) -> tuple[int, float]:
+    """(tokens, seconds) for the requests spread over the actors, each actor serving its share in turn."""
+    t0 = time.perf_counter()
+    pending = {a: requests[i :: len(actors)] for i, a in enumerate(actors)}
+    inflight = {a.generate.remote(pending[a].pop(0), None, 120.0): a for a in actors if pending[a]}
+    tokens = 0
+    while inflight:
+        [ref], _ = ray.wait(list(inflight), num_returns=1)
+        actor = inflight.pop(ref)
+        tokens += ray.get(ref).tokens
+        if pending[actor]:
+            inflight[actor.generate.remote(pending[actor].pop(0), None, 120.0)] = actor
+    return tokens, time.perf_counter() - t0
+
+
+def run(quick: bool) -> dict:
+    """Interleaved repeats of both paths; value/baseline are median tokens/s."""
+    n_requests, repeats = (2, 2) if quick else (8, 5)
+    cfg = ActorConfig()  # the default job's sampling: n=8, 16 prompts per request, max 8 tokens, temperature 1
+    model_path = default_job_model(quick)
+    buffer = sink_buffer()
+    [relay] = start_actors(cfg, model_path, 1, buffer)
+    bare = ray.remote(BareVLLM).options(num_cpus=cfg.num_cpus, runtime_env={"env_vars": VLLM_ENV}).remote(cfg, model_path)
+    try:
+        warm = make_requests(1, cfg.prompts_per_request)
+        relay_tokens_per_s([relay], warm), ray.get(bare.generate.remote(warm))  # first calls compile/allocate
+        samples = []
+        for k in range(repeats):
+            requests = make_requests(n_requests, cfg.prompts_per_request, offset=k * 7)
+            order = ("relay", "bare") if k % 2 == 0 else ("bare", "relay")  # neither always goes first
+            s = {}
+            for which in order:
+                tokens, secs = relay_tokens_per_s([relay], requests) if which == "relay" else ray.get(bare.generate.remote(requests))
+                s[which] = round(tokens / secs, 1)
+                s[f"{which}_tokens"] = tokens
+            samples.append(s)
+    finally:
+        for a in (relay, bare, buffer):
+            ray.kill(a)
+    value = statistics.median(s["relay"] for s in samples)
+    baseline = statistics.median(s["bare"] for s in samples)
+    return result("rollout_vs_bare_vllm", value, baseline, "tokens/s", 0.9, samples,
+                  spread=spread([s["relay"] / s["bare"] for s in samples]),
+                  config={"model": model_path, "n": cfg.n, "max_tokens": cfg.max_tokens,
+                          "prompts_per_request": cfg.prompts_per_request, "requests_per_sample": n_requests})
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    quick = parser.parse_args().quick
+    ray.init(include_dashboard=False, log_to_driver=False)
+    print(json.dumps(run(quick)))

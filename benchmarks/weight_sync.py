@@ -1,0 +1,109 @@
+"""Weight sync: learner-to-generator publish bandwidth against memcpy, and how long the learner is blocked.
+
+One publish is timed from the driver: a DeepSpeed learner rank (Relay's `Learner`
+in its `LearnerRank` shell) hands its full weights to the object-store
+transport and returns a handle; a rollout actor then fetches and loads that
+version into its vLLM engine. Effective bandwidth = bytes published / (publish
+start -> the generator serves the new version). The learner is blocked only
+for its own `publish` call (gather + put), reported as a fraction of that window.
+The reference is a large `torch` tensor `copy_` into an existing buffer, in the
+same run.
+
+    .venv/bin/python -m benchmarks.weight_sync [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import time
+
+import ray
+import torch
+
+from actors.config import ActorConfig
+from benchmarks.common import build_bench_model, result, spread
+from benchmarks.rollout import start_actors
+from learner.actor import LearnerRank
+from learner.config import LearnerConfig
+from transport.weights import make_transport
+
+
+class PublishingRank(LearnerRank):
+    """Relay's learner rank plus a timed publish. The version is advanced without a training step: the
+    payload is the same full weights either way, and the generator only loads versions newer than its own."""
+
+    def timed_publish(self):
+        self.learner.step += 1
+        handle, publish_s = self.learner.publish(self.transport)
+        return handle, publish_s
+
+
+def memcpy_bytes_per_s(nbytes: int, repeats: int) -> list[float]:
+    """`dst.copy_(src)` of nbytes (float32), pages touched beforehand: the machine's copy bandwidth."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.zeros_like(src)
+    dst.copy_(src)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        out.append(nbytes / (time.perf_counter() - t0))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(quick: bool) -> list[dict]:
+    """Two results: `weight_sync_vs_memcpy` and `learner_blocked_fraction`."""
+    hidden, layers, repeats, copy_bytes = (128, 2, 2, 2**28) if quick else (768, 11, 4, 2**30)
+    model_path, params = build_bench_model(hidden, layers)
+    transport = make_transport("object_store", "")
+    lcfg = LearnerConfig(track_ref_kl=False, groups_per_step=1, micro_batch_groups=1)
+    rank = ray.remote(PublishingRank).options(
+        num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    ).remote(lcfg, model_path, 8, 1.0, 0, 1, "127.0.0.1", free_port(), transport)
+    [actor] = start_actors(ActorConfig(), model_path, 1, buffer=None)
+    try:
+        ray.get(rank.node_ip.remote())
+        ray.get(actor.sync.remote(ray.get(rank.timed_publish.remote())[0]))  # first load allocates; not timed
+        samples = []
+        for _ in range(repeats):
+            copy_bw = statistics.median(memcpy_bytes_per_s(copy_bytes, 3))
+            t0 = time.perf_counter()
+            handle, publish_s = ray.get(rank.timed_publish.remote())
+            load_s = ray.get(actor.sync.remote(handle))
+            total = time.perf_counter() - t0
+            served = ray.get(actor.version.remote())
+            if served != handle.version:
+                raise RuntimeError(f"weight_sync: generator serves version {served}, expected {handle.version}")
+            samples.append({"bytes": handle.nbytes, "publish_s": round(publish_s, 4), "fetch_load_s": round(load_s, 4),
+                            "total_s": round(total, 4), "sync_bytes_per_s": round(handle.nbytes / total),
+                            "memcpy_bytes_per_s": round(copy_bw)})
+    finally:
+        ray.kill(rank)
+        ray.kill(actor)
+    cfg = {"params": params, "hidden": hidden, "layers": layers, "transport": "object_store", "memcpy_bytes": copy_bytes}
+    sync = statistics.median(s["sync_bytes_per_s"] for s in samples)
+    copy = statistics.median(s["memcpy_bytes_per_s"] for s in samples)
+    blocked = statistics.median(s["publish_s"] for s in samples)
+    window = statistics.median(s["total_s"] for s in samples)
+    return [
+        result("weight_sync_vs_memcpy", sync, copy, "bytes/s", 0.5, samples,
+               spread=spread([s["sync_bytes_per_s"] / s["memcpy_bytes_per_s"] for s in samples]), config=cfg),
+        result("learner_blocked_fraction", blocked, window, "s", 0.1, samples, lower_is_better=True,
+               spread=spread([s["publish_s"] / s["total_s"] for s in samples]), config=cfg),
+    ]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    quick = parser.parse_args().quick
+    ray.init(include_dashboard=False, log_to_driver=False)
+    print(json.dumps(run(quick)))
