@@ -2,38 +2,56 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import ray
 
 from actors.config import ActorConfig
 from actors.generator import GenerationResult, Generator, Prompt
+from actors.inflight import InflightGenerator
 from transport.weights import WeightHandle, WeightTransport
 
 
 class RolloutActor:
-    """Owns one vLLM engine. Between requests (its safe point) it applies the newest weights it was handed."""
+    """Owns one vLLM engine. Between requests (its safe point) it applies the newest weights it was handed;
+    with `weight_update_mode: in_flight` also during a request, when `offer_weights` is called (on a second
+    thread of this actor) while `generate` runs."""
 
     def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int,
                  buffer, transport: WeightTransport, fetch_timeout_s: float):
-        self.gen = Generator(cfg, model_path, generator_id, max_model_len)
+        gen_cls = InflightGenerator if cfg.weight_update_mode == "in_flight" else Generator
+        self.gen = gen_cls(cfg, model_path, generator_id, max_model_len)
         self.buffer, self.transport, self.fetch_timeout_s = buffer, transport, fetch_timeout_s
+        self._sync_lock = threading.Lock()  # in_flight: generate's sync and offer_weights run on two threads
+        self._offered: WeightHandle | None = None  # between_batches: the newest offer, applied at the next request
 
     def sync(self, handle: WeightHandle | None) -> float:
         """Apply `handle` if it is newer than what this engine serves; intermediate versions are simply never fetched."""
-        if handle is None or handle.version <= self.gen.version:
-            return 0.0
-        t0 = time.perf_counter()
-        self.gen.load_weights(handle.version, self.transport.fetch(handle, self.fetch_timeout_s))
-        return time.perf_counter() - t0
+        with self._sync_lock:  # the version check and the load as one step, so versions only move forward
+            if handle is None or handle.version <= self.gen.version:
+                return 0.0
+            t0 = time.perf_counter()
+            self.gen.load_weights(handle.version, self.transport.fetch(handle, self.fetch_timeout_s))
+            return time.perf_counter() - t0
+
+    def offer_weights(self, handle: WeightHandle) -> float:
+        """A newly published version. in_flight: applied now, also in the middle of a running `generate`
+        (tokens sampled after the swap record `handle.version`); returns the seconds spent. between_batches:
+        kept and applied when the next request starts; returns 0."""
+        if self.gen.cfg.weight_update_mode == "in_flight":
+            return self.sync(handle)
+        if self._offered is None or handle.version > self._offered.version:
+            self._offered = handle
+        return 0.0
 
     def generate(self, prompts: list[Prompt], handle: WeightHandle | None, put_timeout_s: float,
                  request_id: str | None = None) -> GenerationResult:
         """Sample, score and push one request's groups. The put carries `request_id`, so the buffer refuses a
         second copy of a request the launcher re-issued after believing this actor dead."""
-        load_s = self.sync(handle)
+        load_s = self.sync(_newest(handle, self._offered))
         result = self.gen.generate(prompts)
-        result.load_s = load_s
+        result.load_s += load_s  # plus, in_flight, the time generation stood paused for swaps during the request
         if result.batch is not None or request_id is not None:
             put = self.buffer.put.remote(result.batch, None, request_id, result.skipped)
             result.duplicate = ray.get(put, timeout=put_timeout_s) < 0
@@ -47,9 +65,23 @@ class RolloutActor:
     def version(self) -> int:
         return self.gen.version
 
+    def progress(self) -> int:
+        """Response tokens the running request has sampled so far (in_flight only; 0 between_batches)."""
+        return sum(self.gen.progress().values()) if isinstance(self.gen, InflightGenerator) else 0
+
+    def close(self) -> None:
+        """Stop an in_flight engine's process before the actor is killed (it would leave /dev/shm segments)."""
+        if isinstance(self.gen, InflightGenerator):
+            self.gen.close()
+
     def pid(self) -> int:
         """The worker process id (operators and fault-injection tests kill it from outside)."""
         return os.getpid()
+
+
+def _newest(*handles: WeightHandle | None) -> WeightHandle | None:
+    known = [h for h in handles if h is not None]
+    return max(known, key=lambda h: h.version) if known else None
 
 
 def make_rollout_actor(cfg: ActorConfig, index: int, **kwargs):
@@ -59,5 +91,7 @@ def make_rollout_actor(cfg: ActorConfig, index: int, **kwargs):
     cls = ray.remote(RolloutActor).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, name=None, max_restarts=0,
         runtime_env={"env_vars": env},
+        # in_flight: offer_weights (and evaluate) must run while generate blocks, so the actor is threaded
+        max_concurrency=4 if cfg.weight_update_mode == "in_flight" else 1,
     )
     return cls.remote(cfg, generator_id=f"gen-{index}", **kwargs)

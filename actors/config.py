@@ -1,6 +1,8 @@
 """Rollout actor configuration."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -35,3 +37,5 @@ class ActorConfig(BaseModel):
     """Reuse prompt KV blocks across the n samples; the cache is reset on every weight update."""
     seed: int = 0
     """Base seed; each actor derives its own so actors do not draw the same samples."""
+    weight_update_mode: Literal["between_batches", "in_flight"] = "between_batches"
+    """When new weights reach an engine: between requests, or in_flight (pause, load, resume; per-token versions)."""

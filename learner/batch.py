@@ -16,7 +16,8 @@ class TrainBatch:
     behaviour_logp: torch.Tensor  # (B, T)
     rewards: torch.Tensor  # (B,)
     group_ids: torch.Tensor  # (B,) dense group index
-    versions: torch.Tensor  # (B,) behaviour policy version
+    versions: torch.Tensor  # (B,) behaviour policy version: the oldest that sampled a token of the row
+    token_versions: torch.Tensor  # (B, T) version that sampled each response token (0 on padding)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -44,7 +45,9 @@ def to_tensors(batch: pa.RecordBatch, pad_id: int) -> TrainBatch:
     resp_index = torch.zeros((B, T), dtype=torch.long)  # (B, T)
     resp_mask = torch.zeros((B, T))  # (B, T)
     behaviour = torch.zeros((B, T))  # (B, T)
-    for i, (ids, p, lps) in enumerate(zip(token_ids, prompt_lens, cols["behaviour_logprobs"])):
+    token_versions = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    rows = zip(token_ids, prompt_lens, cols["behaviour_logprobs"], cols["token_versions"])
+    for i, (ids, p, lps, tvs) in enumerate(rows):
         n = len(ids) - p
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention_mask[i, : len(ids)] = 1
@@ -52,13 +55,39 @@ def to_tensors(batch: pa.RecordBatch, pad_id: int) -> TrainBatch:
         resp_index[i, :n] = torch.arange(p - 1, p - 1 + n)
         resp_mask[i, :n] = 1.0
         behaviour[i, :n] = torch.tensor(lps)
+        if len(tvs) != n:
+            raise ValueError(f"rollout {cols['rollout_id'][i]}: {len(tvs)} token versions for {n} response tokens")
+        token_versions[i, :n] = torch.tensor(tvs, dtype=torch.long)
     groups = {g: k for k, g in enumerate(dict.fromkeys(cols["group_id"]))}
     return TrainBatch(
         input_ids, attention_mask, resp_index, resp_mask, behaviour,
         torch.tensor(cols["reward"], dtype=torch.float32),
         torch.tensor([groups[g] for g in cols["group_id"]], dtype=torch.long),
-        torch.tensor(cols["policy_version"], dtype=torch.long),
+        torch.tensor(cols["policy_version"], dtype=torch.long), token_versions,
     )
+
+
+def staleness_stats(batch: TrainBatch, learner_version: int) -> dict[str, float]:
+    """How old the behaviour data is at an update by `learner_version`, measured per token.
+
+    With in-flight weight updates one response mixes versions, so each token's staleness is
+    learner_version minus the version that sampled it. `staleness_mean` averages each row's token
+    mean over rows (for a row of a single version: its policy_version's staleness, the per-row metric
+    this replaces); `staleness_token_mean` weights every token equally; `staleness_max` is the oldest
+    token's; `behaviour_version_max` the newest token's version. A row without response tokens
+    counts with its policy_version.
+    """
+    mask = batch.resp_mask > 0  # (B, T)
+    n_tok = mask.sum(1)  # (B,)
+    row_version = batch.versions[:, None].expand_as(batch.token_versions)  # (B, T)
+    versions = torch.where(mask, batch.token_versions, row_version)  # (B, T)
+    per_token = (learner_version - versions).double()  # (B, T)
+    row_mean = torch.where(n_tok > 0, (per_token * mask).sum(1) / n_tok.clamp(min=1), per_token[:, 0])  # (B,)
+    token_mean = (per_token * mask).sum() / n_tok.sum() if n_tok.sum() > 0 else row_mean.mean()
+    return {
+        "staleness_mean": float(row_mean.mean()), "staleness_token_mean": float(token_mean),
+        "staleness_max": float(per_token.max()), "behaviour_version_max": float(versions.max()),
+    }
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, resp_index: torch.Tensor, temperature: float):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from learner.batch import TrainBatch, shard_groups, to_tensors, token_logprobs
+from learner.batch import TrainBatch, shard_groups, staleness_stats, to_tensors, token_logprobs
 from learner.config import LearnerConfig
 from learner.objectives import LossInputs, compute_loss, needs_proximal, needs_reference
 
@@ -118,13 +118,11 @@ class Learner:
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n_micro += 1
         self.step += 1
-        staleness = (self.step - 1 - full.versions).float()  # learner version at the update minus behaviour version
         lengths = full.resp_mask.sum(1)
         out = {k: v / n_micro for k, v in sums.items()}
         out.update(
             reward_mean=float(full.rewards.mean()), response_length_mean=float(lengths.mean()),
-            staleness_mean=float(staleness.mean()), staleness_max=float(staleness.max()),
-            behaviour_version_max=float(full.versions.max()),
+            **staleness_stats(full, self.step - 1),  # per token: learner version at the update minus the sampler's
             tokens=float(lengths.sum()), rows=float(len(full)),
             learner_step_s=time.perf_counter() - t0, lr=float(self.engine.get_lr()[0]),
         )
