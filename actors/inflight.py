@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import gc
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -100,7 +101,9 @@ def _write_safetensors(named_tensors) -> str:
         seen.add(t.data_ptr())
     if not tensors:
         raise ValueError("load_weights: no tensors given")
-    directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    nbytes = sum(t.nbytes for t in tensors.values())
+    # /dev/shm is memory, so the engine's read is a copy from RAM; containers often give it only 64 MiB
+    directory = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * nbytes else None
     fd, path = tempfile.mkstemp(prefix="relay-weights-", suffix=".safetensors", dir=directory)
     os.close(fd)
     save_file(tensors, path)
@@ -125,7 +128,8 @@ class InflightGenerator(Generator):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{generator_id}-vllm", daemon=True)
         self._thread.start()
-        self.engine = self._run(self._start(model_path))
+        self.engine = None
+        self._run(self._start(model_path))
         self.tokenizer = self.engine.get_tokenizer()
 
     # ---- the event loop -------------------------------------------------------------------------
@@ -133,7 +137,7 @@ class InflightGenerator(Generator):
         """Run `coro` on the engine's loop and wait for it; callable from any thread but the loop's."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    async def _start(self, model_path: str):
+    async def _start(self, model_path: str) -> None:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -149,9 +153,10 @@ class InflightGenerator(Generator):
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
         )
-        engine = AsyncLLM.from_engine_args(args)  # inside the loop, so its output handler runs here
-        await engine.update_weight_version(str(self.version))  # every output is labelled from the start
-        return engine
+        # built inside the loop, so its output handler runs here; kept off this frame's locals, which outlive
+        # the call and would keep the engine alive past close()
+        self.engine = AsyncLLM.from_engine_args(args)
+        await self.engine.update_weight_version(str(self.version))  # every output is labelled from the start
 
     def close(self) -> None:
         """Stop the engine process (it otherwise leaves /dev/shm segments behind) and the loop thread."""
@@ -160,7 +165,7 @@ class InflightGenerator(Generator):
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=30)
         self.engine = None
-        gc.collect()  # AsyncLLM sits in reference cycles; its __del__ at interpreter exit fails noisily
+        gc.collect()  # AsyncLLM sits in reference cycles: collect it now, not at interpreter exit (a noisy __del__)
 
     async def _shutdown(self) -> None:
         self.engine.shutdown()

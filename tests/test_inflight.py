@@ -127,25 +127,32 @@ def split_run(tiny_model_dir):
 def test_inflight_update_splits_generation_exactly_at_the_pause(split_run):
     """Tokens before the split match the old weights, tokens after it the new ones (a transformers forward over
     the whole sequence, to 1e-4), and token_versions record exactly that split in every sample."""
+    tol = 1e-4
     rows = rollouts_from_arrow(split_run.result.batch)
     assert len(rows) == len(PROMPTS) * N and split_run.version_after == 1
-    worst_old, worst_new, boundary_gap = 0.0, 0.0, []
+    worst_old, worst_new, ambiguous, splits = 0.0, 0.0, 0, []
     for r in rows:
         T = len(r.behaviour_logprobs)
         k = r.token_versions.count(0)
+        splits.append(k)
         assert T == MAX_TOKENS and r.finish_reason == "length"
         assert r.token_versions == [0] * k + [1] * (T - k), "one split, old version first"
         assert min(split_run.seen.values()) <= k < T, f"split at {k}: not after the tokens streamed before the pause"
         assert r.policy_version == 0  # the oldest token's version: what the buffer's staleness bound measures
-        mu = torch.tensor(r.behaviour_logprobs)
-        lp_old, lp_new = _hf_logprobs(split_run.old, r), _hf_logprobs(split_run.new, r)
+        mu = torch.tensor(r.behaviour_logprobs)  # (T,)
+        lp_old, lp_new = _hf_logprobs(split_run.old, r), _hf_logprobs(split_run.new, r)  # (T,), (T,)
         worst_old = max(worst_old, float((mu[:k] - lp_old[:k]).abs().max()))
         worst_new = max(worst_new, float((mu[k:] - lp_new[k:]).abs().max()))
-        # the two weight versions disagree on the tokens around the split, so the split cannot be off by one
-        boundary_gap.append(min(float((lp_old[k] - lp_new[k]).abs()), float((lp_old[k - 1] - lp_new[k - 1]).abs())))
-    assert worst_old < 1e-4, f"tokens before the pause differ from the old weights by {worst_old}"
-    assert worst_new < 1e-4, f"tokens after the pause differ from the new weights by {worst_new}"
-    assert min(boundary_gap) > 1e-3, f"old and new weights agree at a split: {boundary_gap}"
+        # the other version explains neither side: the match above is not a tolerance artefact
+        assert float((mu[k:] - lp_old[k:]).abs().max()) > 1e-2 and float((mu[:k] - lp_new[:k]).abs().max()) > 1e-2
+        # off by one, the boundary token would have to match the other version too (rare: both agree on it)
+        ambiguous += float((mu[k] - lp_old[k]).abs()) < tol or float((mu[k - 1] - lp_new[k - 1]).abs()) < tol
+    print(f"in-flight split: tokens at the split {sorted(splits)}; streamed before the load >= "
+          f"{min(split_run.seen.values())}; |mu - old| {worst_old:.2e} before, |mu - new| {worst_new:.2e} after; "
+          f"ambiguous boundaries {ambiguous}; pause+load {split_run.result.load_s:.3f}s")
+    assert worst_old < tol, f"tokens before the pause differ from the old weights by {worst_old}"
+    assert worst_new < tol, f"tokens after the pause differ from the new weights by {worst_new}"
+    assert ambiguous <= 1, f"{ambiguous} samples' boundary tokens match both versions"
     assert split_run.result.load_s > 0  # the pause is counted as weight-load time of the request
 
 
@@ -217,7 +224,8 @@ def test_rollout_actor_applies_offered_weights_during_a_request(ray_cluster, tmp
         while ray.get(actor.progress.remote(), timeout=30) < 2 * len(PROMPTS) * cfg.n:
             assert time.monotonic() < deadline and not ray.wait([request], timeout=0)[0], "request ended first"
             time.sleep(0.005)
-        assert ray.get(actor.offer_weights.remote(handle), timeout=60) > 0  # returns while generate still runs
+        offer_s = ray.get(actor.offer_weights.remote(handle), timeout=60)  # runs while generate is running
+        assert offer_s > 0
         result = ray.get(request, timeout=120)
         assert result.groups == len(PROMPTS) and result.load_s > 0
         assert ray.get(actor.version.remote()) == 1
@@ -226,7 +234,9 @@ def test_rollout_actor_applies_offered_weights_during_a_request(ray_cluster, tmp
             k = r.token_versions.count(0)
             assert r.token_versions == [0] * k + [1] * (len(r.token_versions) - k)
             assert r.policy_version == min(r.token_versions)
-        assert any(0 < r.token_versions.count(0) < len(r.token_versions) for r in rows), "no response spans the update"
+        spanning = sum(0 < r.token_versions.count(0) < len(r.token_versions) for r in rows)
+        print(f"rollout actor: {spanning}/{len(rows)} responses span the update; offer_weights {offer_s:.3f}s")
+        assert spanning > 0, "no response spans the update"
         assert ray.get(actor.offer_weights.remote(handle)) == 0.0  # an old or equal version is not applied twice
     finally:
         ray.get(actor.close.remote(), timeout=60)
