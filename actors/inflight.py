@@ -116,8 +116,14 @@ class InflightGenerator(Generator):
     `load_weights` is thread-safe and may run while `generate` is blocked in another thread; the
     reward, grouping and skip rules are `Generator`'s own (inherited `_group`, `sampling_params`)."""
 
-    def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int, version: int = 0):
+    def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int, version: int = 0,
+                 weight_transfer_backend: str | None = None, engine_kwargs: dict | None = None):
         # Generator.__init__ is not called: it builds the synchronous engine this class replaces.
+        if weight_transfer_backend is not None:
+            raise ValueError(f"generator {generator_id}: actors.weight_update_mode in_flight loads the versions its "
+                             f"transport fetches (object_store, disk); the push engine {weight_transfer_backend!r} "
+                             "is not wired to the pause/resume path")
+        self._engine_kwargs = dict(engine_kwargs or {})
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         self.cfg, self.id, self.version = cfg, generator_id, version
         self.max_model_len = max_model_len
@@ -152,6 +158,7 @@ class InflightGenerator(Generator):
             seed=self.cfg.seed + zlib.crc32(self.id.encode()) % 10_000,  # distinct streams per actor
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
+            **self._engine_kwargs,
         )
         # built inside the loop, so its output handler runs here; kept off this frame's locals, which outlive
         # the call and would keep the engine alive past close()

@@ -41,6 +41,13 @@ def test_config_rejects_unknown_update_mode():
         ActorConfig(weight_update_mode="sometimes")
 
 
+def test_inflight_generator_refuses_push_transports_before_starting_an_engine():
+    from actors.inflight import InflightGenerator
+
+    with pytest.raises(ValueError, match="in_flight .* push engine 'nccl'"):
+        InflightGenerator(ActorConfig(weight_update_mode="in_flight"), "/no/model", "g", 64, weight_transfer_backend="nccl")
+
+
 def _rollout(rid: str, n_resp: int, policy_version: int, token_versions: list[int] | None = None) -> Rollout:
     return Rollout(rollout_id=rid, prompt_id="p", group_id="g", group_size=3, token_ids=[1, 2] + [3] * n_resp,
                    prompt_len=2, behaviour_logprobs=[-1.0] * n_resp, reward=1.0, policy_version=policy_version,
