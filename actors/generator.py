@@ -42,12 +42,17 @@ class GenerationResult:
 
 
 class Generator:
-    def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int, version: int = 0):
+    _updating = False  # inside a start/finish weight update, when the weights may mix two versions
+
+    def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int, version: int = 0,
+                 weight_transfer_backend: str | None = None, engine_kwargs: dict | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         from vllm import LLM
 
         self.cfg, self.id, self.version = cfg, generator_id, version
+        if weight_transfer_backend == "relay_cpu":
+            import transport.cpu_engine  # noqa: F401  registers the engine with vLLM's factory before the engine is built
         self.max_model_len = max_model_len
         self.reward_fn = resolve_reward(cfg.reward)
         self.llm = LLM(
@@ -59,16 +64,50 @@ class Generator:
             enable_prefix_caching=cfg.enable_prefix_caching,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             seed=cfg.seed + zlib.crc32(generator_id.encode()) % 10_000,  # distinct streams per actor
+            # vLLM's weight-transfer engine API (init/start/update/finish) is only wired up when configured
+            weight_transfer_config=None if weight_transfer_backend is None else {"backend": weight_transfer_backend},
+            **(engine_kwargs or {}),
         )
         self.tokenizer = self.llm.get_tokenizer()
 
     def load_weights(self, version: int, named_tensors) -> None:
-        """Apply a whole version in place. vLLM's layerwise reload is the path that works on CPU, where
-        the backend repacks linear weights at load time; the prefix cache is reset so no block
-        computed under the old weights is reused."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors, "is_checkpoint_format": True})
+        """Apply a whole version in place, or nothing. The tensors are all fetched before vLLM is touched, so
+        a transfer that fails mid-way leaves the engine serving the old version, whole. vLLM's layerwise
+        reload is the path that works on CPU (the backend repacks linear weights at load time); the prefix
+        cache is reset so no block computed under the old weights is reused."""
+        tensors = list(named_tensors)  # may raise (timeout, dead peer): nothing has been applied yet
+        if not tensors:
+            raise ValueError(f"generator {self.id}: weights version {version} holds no tensors")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
         self.version = version
+
+    # vLLM's weight-transfer engine API, driven by a trainer-side transport (transport/engine.py). The engine
+    # named by `weight_transfer_backend` receives the data (NCCL on GPU); these only relay the control plane.
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self._updating = True  # until finish: the engine may hold a mix of versions and must not serve
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, update_info: dict | list[dict]) -> None:
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()
+        if weight_version is not None:
+            self.version = int(weight_version)
+        self._updating = False
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.collective_rpc("shutdown_weight_transfer_engine")
+
+    def _check_whole(self) -> None:
+        if self._updating:
+            raise RuntimeError(f"generator {self.id}: a weight update after version {self.version} started and "
+                               "did not finish; its weights may mix two versions, so it does not serve")
 
     def sampling_params(self, greedy: bool = False):
         from vllm import SamplingParams
@@ -83,6 +122,7 @@ class Generator:
         )
 
     def generate(self, prompts: list[Prompt]) -> GenerationResult:
+        self._check_whole()
         t0 = time.time()
         skipped: Counter[str] = Counter()
         kept, token_prompts = [], []
@@ -142,6 +182,7 @@ class Generator:
 
     def evaluate(self, prompts: list[Prompt]) -> dict[str, float]:
         """Greedy decoding on held-out prompts: mean reward and response length."""
+        self._check_whole()
         outs = self.llm.generate([p.text for p in prompts], self.sampling_params(greedy=True), use_tqdm=False)
         scores = [safe_reward(self.reward_fn, o.outputs[0].text, p.answer)[0] for p, o in zip(prompts, outs)]
         lengths = [len(o.outputs[0].token_ids) for o in outs]

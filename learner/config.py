@@ -19,6 +19,8 @@ class LearnerConfig(BaseModel):
     """GPUs each learner rank reserves (1 on GPU clusters)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage."""
+    zero3_persistence_threshold: int | None = Field(None, ge=0)
+    """ZeRO-3: parameters with fewer elements stay unpartitioned on every rank (None = DeepSpeed's ~1e5 default)."""
     total_steps: int = Field(800, ge=1)
     """Optimizer steps in the run."""
     groups_per_step: int = Field(16, ge=1)

@@ -27,7 +27,8 @@ def deepspeed_config(cfg: LearnerConfig, rows_per_micro: int, micro_steps: int) 
         "train_micro_batch_size_per_gpu": rows_per_micro,
         "gradient_accumulation_steps": micro_steps,
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay}},
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, **({} if cfg.zero3_persistence_threshold is None else
+                                                          {"stage3_param_persistence_threshold": cfg.zero3_persistence_threshold})},
         "gradient_clipping": cfg.grad_clip,
         "bf16": {"enabled": cfg.dtype == "bfloat16"},
         "steps_per_print": 10**9,
@@ -147,23 +148,23 @@ class Learner:
 
     # ---- weights --------------------------------------------------------------------------------
     def full_state(self) -> dict[str, torch.Tensor] | None:
-        """Full parameters on rank 0 (every rank must call: ZeRO-3 gathers collectively); None elsewhere.
-        Tied embeddings are sent under both names so vLLM's repacked head is updated too."""
+        """Full parameters (and persistent buffers) as CPU copies on rank 0; None elsewhere. Every rank must
+        call: under ZeRO-3 the gather is a collective. Tied weights appear under every name that refers to
+        them (`lm_head.weight` and `model.embed_tokens.weight`), because vLLM repacks its head separately."""
         import deepspeed
 
         module = self.engine.module
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.zero_stage == 3):
+        zero3 = self.cfg.zero_stage == 3  # ZeRO 0-2 keep full parameters on every rank; 3 partitions them
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None, enabled=zero3):
             if self.rank != 0:
                 return None
-            copy = self.cfg.zero_stage == 3  # gathered storage is freed when the context exits
-            state = {n: (p.detach().clone() if copy else p.detach()).cpu() for n, p in module.named_parameters()}
-        for name, buf in module.named_buffers():
-            if name in module.state_dict():
-                state[name] = buf.detach().cpu()
-        if getattr(module.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
-            state["lm_head.weight"] = module.get_input_embeddings().weight.detach().cpu() if not copy else \
-                state["model.embed_tokens.weight"]
+            # copies: gathered ZeRO-3 storage is freed on exit, and ZeRO 0-2 storage changes at the next step
+            state = {name: p.detach().to("cpu", copy=True)
+                     for name, p in module.named_parameters(remove_duplicate=False)}
+        for name, buf in module.named_buffers(remove_duplicate=False):
+            owner, _, leaf = name.rpartition(".")
+            if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
+                state[name] = buf.detach().to("cpu", copy=True)
         return state
 
     def publish(self, transport):
