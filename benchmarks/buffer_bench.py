@@ -93,7 +93,7 @@ def run(quick: bool) -> dict:
     n_groups, repeats, batch_groups = (256, 3, 32) if quick else (1024, 5, 64)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         producer = Producer.remote(n_groups)
         samples = []

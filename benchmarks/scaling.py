@@ -1,0 +1,58 @@
+"""Rollout scaling: tokens/s through Relay's rollout actors with 1, 2 and 4 actors generating at once.
+
+All actors start up front, each reserving an equal share of the machine's CPUs
+(0.5 each for 4 actors on 2 cores), so every count runs in the same processes;
+the driver keeps every chosen actor busy with requests of the default job's
+size. On a machine with C cores the curve can rise at most until C actors;
+past that the engines only share the same cores.
+
+    .venv/bin/python -m benchmarks.scaling [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import ray
+
+from actors.config import ActorConfig
+from benchmarks.common import default_job_model, result, spread
+from benchmarks.rollout import make_requests, relay_tokens_per_s, sink_buffer, start_actors
+
+
+def run(quick: bool) -> dict:
+    counts, requests_per_actor, repeats = ((1, 2), 2, 1) if quick else ((1, 2, 4), 4, 3)
+    cores = len(os.sched_getaffinity(0))
+    cfg = ActorConfig(num_cpus=cores / max(counts))
+    buffer = sink_buffer()
+    actors = start_actors(cfg, default_job_model(quick), max(counts), buffer)
+    try:
+        relay_tokens_per_s(actors, make_requests(len(actors), cfg.prompts_per_request))  # warm every engine
+        samples = []
+        for k in range(repeats):
+            for n in counts if k % 2 == 0 else counts[::-1]:
+                tokens, secs = relay_tokens_per_s(actors[:n], make_requests(n * requests_per_actor, cfg.prompts_per_request, k))
+                samples.append({"actors": n, "tokens_per_s": round(tokens / secs, 1), "tokens": tokens})
+    finally:
+        for a in (*actors, buffer):
+            ray.kill(a)
+    per_count = {n: statistics.median(s["tokens_per_s"] for s in samples if s["actors"] == n) for n in counts}
+    one, most = per_count[counts[0]], per_count[counts[-1]]
+    best = max(per_count, key=per_count.get)
+    return result("rollout_scaling", most, one, "tokens/s", None, samples,
+                  spread=spread([s["tokens_per_s"] for s in samples if s["actors"] == counts[-1]]),
+                  tokens_per_s_by_actors={str(n): v for n, v in per_count.items()},
+                  note=f"{max(counts)} actors give {most / one:.2f}x one actor's tokens/s; the best is {best} actor(s) "
+                       f"on {cores} cores (each actor's engine runs one OpenMP thread; beyond {cores} actors they share cores)",
+                  config={"cores": cores, "num_cpus_per_actor": cfg.num_cpus, "requests_per_actor": requests_per_actor,
+                          "prompts_per_request": cfg.prompts_per_request, "n": cfg.n, "max_tokens": cfg.max_tokens})
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    quick = parser.parse_args().quick
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    print(json.dumps(run(quick)))

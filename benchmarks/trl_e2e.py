@@ -1,0 +1,124 @@
+"""End to end against a peer: TRL's `GRPOTrainer` and Relay on the same model, task, group size,
+completion length, learning rate and machine; trained samples per second and reward against wall time.
+
+TRL runs in a subprocess (its own torch threads, nothing of Relay's Ray session
+in it) and generates with transformers: its vLLM colocate mode fails on CPU
+(`'Parameter' object has no attribute 'weight_loader'`). Relay runs its
+default launcher (one rollout actor, one learner rank, staleness bound 1) on
+the same two cores. Both score with Relay's exact-match arithmetic reward.
+`trl` is in the `bench` extra only; without it the result is null with the reason.
+
+    .venv/bin/python -m benchmarks.trl_e2e [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks.async_sync import run_job
+from benchmarks.common import build_bench_model, result, skipped
+from launch.config import load_config
+
+GROUP, COMPLETIONS, COMPLETION_LEN, LR = 8, 16, 32, 1e-5  # 2 prompts x 8 completions of <= 32 tokens per step
+
+
+def trl_worker(model_path: str, steps: int) -> dict:
+    """Runs in the subprocess: `steps` GRPO steps; returns per-step (seconds since train start, reward)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from actors.rewards import arithmetic_reward
+    from launch.data import load_prompts
+
+    prompts = load_prompts("synthetic:arithmetic").prompts
+    data = Dataset.from_list([{"prompt": p.text, "answer": p.answer} for p in prompts])
+
+    def reward(completions, answer, **_):
+        return [arithmetic_reward(c, a) for c, a in zip(completions, answer)]
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.points: list[list] = []  # [seconds, step, reward] at each logged step
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                self.points.append([time.perf_counter() - self.t0, state.global_step, logs["reward"]])
+
+    with tempfile.TemporaryDirectory(prefix="relay-bench-trl-") as out:
+        config = GRPOConfig(output_dir=out, per_device_train_batch_size=COMPLETIONS, num_generations=GROUP,
+                            max_completion_length=COMPLETION_LEN, max_steps=steps, learning_rate=LR,
+                            lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
+                            use_cpu=True, bf16=False, beta=0.0, temperature=1.0, seed=0)
+        clock = Clock()
+        trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32),
+                              reward_funcs=reward, args=config, train_dataset=data,
+                              processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[clock])
+        trainer.train()
+    first = clock.points[0][0]  # times from the first step's end, as for Relay
+    return {"points": [[round(t - first, 3), step, r] for t, step, r in clock.points], "threads": torch.get_num_threads()}
+
+
+def run_trl(model_path: str, steps: int) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.trl_e2e", "--trl-worker", model_path, str(steps)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL worker failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_relay(model_path: str, steps: int) -> dict:
+    cfg = load_config("configs/default.yaml", {
+        "model.path": model_path, "actors.n": GROUP, "actors.max_tokens": COMPLETION_LEN,
+        "actors.prompts_per_request": COMPLETIONS // GROUP, "learner.groups_per_step": COMPLETIONS // GROUP,
+        "learner.micro_batch_groups": COMPLETIONS // GROUP, "learner.total_steps": steps, "learner.lr": LR,
+        "learner.track_ref_kl": False, "learner.objective.name": "grpo", "progress": False, "tensorboard": False,
+    })
+    _, records, times = run_job(cfg, model_path)
+    return {"points": [[round(t - times[0], 3), r["step"], r["reward_mean"]] for t, r in zip(times, records)],
+            "max_staleness": cfg.buffer.max_staleness}
+
+
+def run(quick: bool) -> dict:
+    hidden, layers, trl_steps, relay_steps = (128, 2, 3, 4) if quick else (768, 11, 6, 16)
+    unit, target = "samples/s", 2.0
+    if importlib.util.find_spec("trl") is None:
+        return skipped("e2e_vs_trl_grpo", unit, target, "trl is not installed (pip install -e '.[bench]'); not measured")
+    model_path, params = build_bench_model(hidden, layers)
+    relay = run_relay(model_path, relay_steps)
+    trl = run_trl(model_path, trl_steps)
+    rates = {}
+    for name, r in (("relay", relay), ("trl", trl)):  # steady state: from the first step's end to the last's
+        rates[name] = (len(r["points"]) - 1) * COMPLETIONS / r["points"][-1][0]
+        r["samples_per_s"] = round(rates[name], 3)
+        r["reward_per_sample"] = round(statistics.mean(p[2] for p in r["points"]), 4)  # equal samples per step
+    return result("e2e_vs_trl_grpo", rates["relay"], rates["trl"], unit, target, [{"relay": relay, "trl": trl}],
+                  reward_per_sample={"relay": relay["reward_per_sample"], "trl": trl["reward_per_sample"]},
+                  config={"params": params, "group_size": GROUP, "completions_per_step": COMPLETIONS,
+                          "max_completion_len": COMPLETION_LEN, "lr": LR, "relay_steps": relay_steps,
+                          "trl_steps": trl_steps, "relay_objective": "grpo", "trl_loss": "GRPOConfig default, beta 0"})
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--trl-worker"]:
+        print(json.dumps(trl_worker(sys.argv[2], int(sys.argv[3]))))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    quick = parser.parse_args().quick
+    import ray
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    print(json.dumps(run(quick)))

@@ -1,0 +1,55 @@
+"""Smoke test of the benchmark runner: `--quick` runs every benchmark and writes well-formed results.
+
+Benchmarks are never part of the timed suite; this only checks that the runner
+works end to end (real Ray, vLLM, DeepSpeed and, when installed, TRL) and that
+its JSON has every required name and field, with a number wherever the
+benchmark could run here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import REQUIRED_FIELDS, REQUIRED_NAMES, markdown, result, skipped, spread
+
+
+def test_result_row_ratio_and_target():
+    row = result("x", 3.0, 2.0, "tokens/s", 1.3, [1, 2])
+    assert row["ratio"] == 1.5 and row["met"] is True
+    assert result("y", 1.0, 4.0, "s", 0.1, [], lower_is_better=True)["met"] is False  # 0.25 > 0.1
+    empty = skipped("z", "s", 0.1, "not here")
+    assert empty["value"] is None and empty["ratio"] is None and empty["met"] is None and empty["note"] == "not here"
+    assert spread([1.0, 2.0, 3.0]) == 1.0
+
+
+@pytest.mark.slow
+def test_quick_run_writes_well_formed_json(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)], cwd=repo,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads((tmp_path / "latest.json").read_text())
+    stamped = [p for p in tmp_path.glob("*.json") if p.name != "latest.json"]
+    assert len(stamped) == 1 and json.loads(stamped[0].read_text()) == doc
+    machine = doc["machine"]
+    for key in ("cores", "memory_gib", "cpu_model", "versions", "loadavg_start", "loadavg_end"):
+        assert machine[key], key
+    assert machine["versions"]["torch"] and machine["versions"]["ray"]
+    assert [r["name"] for r in doc["results"]] == list(REQUIRED_NAMES)
+    trl_here = importlib.util.find_spec("trl") is not None
+    for r in doc["results"]:
+        assert set(REQUIRED_FIELDS) <= set(r), r["name"]
+        if r["name"] == "e2e_vs_trl_grpo" and not trl_here:
+            assert r["value"] is None and "trl" in r["note"]
+            continue
+        for key in ("value", "baseline", "ratio"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (r["name"], key, r)
+        assert math.isclose(r["ratio"], r["value"] / r["baseline"], rel_tol=1e-2), r["name"]
+        assert r["samples"], r["name"]
+    assert (tmp_path / "latest.md").read_text() == markdown(doc)
