@@ -23,12 +23,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def deepspeed_config(cfg: LearnerConfig, rows_per_micro: int, micro_steps: int) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero3_persistence_threshold is not None:  # DeepSpeed's default keeps every small parameter whole
+        zero["stage3_param_persistence_threshold"] = cfg.zero3_persistence_threshold
     ds = {
         "train_micro_batch_size_per_gpu": rows_per_micro,
         "gradient_accumulation_steps": micro_steps,
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay}},
-        "zero_optimization": {"stage": cfg.zero_stage, **({} if cfg.zero3_persistence_threshold is None else
-                                                          {"stage3_param_persistence_threshold": cfg.zero3_persistence_threshold})},
+        "zero_optimization": zero,
         "gradient_clipping": cfg.grad_clip,
         "bf16": {"enabled": cfg.dtype == "bfloat16"},
         "steps_per_print": 10**9,
