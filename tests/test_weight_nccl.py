@@ -117,3 +117,22 @@ def test_stuck_broadcast_times_out():
     assert time.monotonic() - t0 < 1.0
     with pytest.raises(ZeroDivisionError):
         run_with_deadline(lambda: 1 / 0, 1.0, "x")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_independent_generators_get_distinct_nccl_ranks(workers):
+    """vLLM's trainer engine sends one worker init info (rank_offset=1) for one deployment; separate
+    generators must each get their own block of ranks or they collide in the NCCL group."""
+    from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo, worker_init_payload
+
+    peers = {f"gen-{i}": _Peer() for i in range(3)}
+    client = TimedClient(peers, timeout_s=5, workers_per_generator=workers)
+    world = 1 + workers * len(peers)
+    client.init_weight_transfer_engine(worker_init_payload(NCCLWeightTransferInitInfo(
+        master_address="10.0.0.1", master_port=29500, rank_offset=1, world_size=world)))
+    infos = [p.calls[0][1] for p in peers.values()]
+    ranks = [info["rank_offset"] + r for info in infos for r in range(workers)]
+    assert sorted(ranks) == list(range(1, world))  # every rank but the trainer's 0, once
+    assert all(info["world_size"] == world and info["master_port"] == 29500 for info in infos)
+    for info in infos:
+        NCCLWeightTransferInitInfo(**info)  # each is still a valid worker init info

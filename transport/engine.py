@@ -36,19 +36,20 @@ class TimedClient:
     or a local object with those methods (tests, single-process runs). All peers are called concurrently:
     NCCL needs every receiver inside `update_weights` while the trainer broadcasts."""
 
-    def __init__(self, peers: dict[str, Any], timeout_s: float):
+    def __init__(self, peers: dict[str, Any], timeout_s: float, workers_per_generator: int = 1):
         if not peers:
             raise ValueError("a weight-transfer client needs at least one generator")
-        self.peers, self.timeout_s = dict(peers), timeout_s
+        self.peers, self.timeout_s, self.workers_per_generator = dict(peers), timeout_s, workers_per_generator
         self.version: int | None = None  # the version being sent, for error messages and finish
 
-    def _call(self, method: str, *args) -> None:
-        """Call `method` on every peer at once, each on a daemon thread (a stuck peer must neither block the
-        caller past the deadline nor keep the process alive at exit); raise naming the peers that failed."""
+    def _call(self, method: str, *args, per_peer: dict[str, tuple] | None = None) -> None:
+        """Call `method` on every peer at once (with `per_peer[name]` as its arguments if given), each on a
+        daemon thread (a stuck peer must neither block the caller past the deadline nor keep the process
+        alive at exit); raise naming the peers that failed."""
         what = f"weights version {self.version}" if self.version is not None else "weight transfer"
         results: dict[str, BaseException | None] = {}
-        threads = {name: threading.Thread(target=_run_into, args=(results, name, getattr(peer, method), args),
-                                          daemon=True, name=f"weights-{method}-{name}")
+        threads = {name: threading.Thread(target=_run_into, daemon=True, name=f"weights-{method}-{name}",
+                                          args=(results, name, getattr(peer, method), (per_peer or {}).get(name, args)))
                    for name, peer in self.peers.items()}
         for t in threads.values():
             t.start()
@@ -62,7 +63,14 @@ class TimedClient:
             raise TimeoutError(f"{what}: {method} did not return within {self.timeout_s}s on generator(s) {', '.join(pending)}")
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self._call("init_weight_transfer_engine", init_info)
+        """vLLM ranks a worker `rank_offset` + its rank inside its own engine, and a trainer engine sends one
+        offset for a single deployment. Independent generators would all claim the same NCCL ranks, so each
+        is given its own block of `workers_per_generator` ranks, in peer order."""
+        if "rank_offset" not in init_info:
+            return self._call("init_weight_transfer_engine", init_info)
+        per_peer = {name: ({**init_info, "rank_offset": init_info["rank_offset"] + i * self.workers_per_generator},)
+                    for i, name in enumerate(self.peers)}
+        self._call("init_weight_transfer_engine", per_peer=per_peer)
 
     def start_weight_update(self) -> None:
         self._call("start_weight_update")

@@ -111,13 +111,14 @@ class NcclTransport(PushTransport):
         self.engine = None
         self.broken: str | None = None
 
-    def connect(self, client: TimedClient, workers_per_generator: int = 1) -> None:
-        """Rank 0 of the learner only. Joins the NCCL group: rank 0 here, the generators' workers after it."""
+    def connect(self, client: TimedClient) -> None:
+        """Rank 0 of the learner only. Joins the NCCL group: rank 0 here, each generator's workers after it
+        (`client.workers_per_generator` ranks each, tensor x pipeline parallel size)."""
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
 
         info = NCCLTrainerInitInfo(master_address=self.master_address, master_port=self.master_port,
-                                   world_size=1 + workers_per_generator * len(client.peers), rank=0, packed=True,
-                                   packed_buffer_size_bytes=self.bucket_bytes)
+                                   world_size=1 + client.workers_per_generator * len(client.peers), rank=0,
+                                   packed=True, packed_buffer_size_bytes=self.bucket_bytes)
         peers = ", ".join(client.peers)
         box = {}
         run_with_deadline(lambda: box.setdefault("engine", NCCLTrainerWeightTransferEngine.trainer_init(
