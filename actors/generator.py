@@ -101,6 +101,12 @@ class Generator:
             self.version = int(weight_version)
         self._updating = False
 
+    def apply_weight_update(self, update_info: dict | list[dict], weight_version: str) -> None:
+        """start, update and finish as one call, so a single-threaded actor runs no request in between."""
+        self.start_weight_update()
+        self.update_weights(update_info)
+        self.finish_weight_update(weight_version)
+
     def shutdown_weight_transfer_engine(self) -> None:
         self.llm.collective_rpc("shutdown_weight_transfer_engine")
 

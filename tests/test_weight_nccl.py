@@ -87,23 +87,30 @@ class _Peer:
     def finish_weight_update(self, version):
         self._do("finish_weight_update", version)
 
+    def apply_weight_update(self, info, version):
+        self._do("apply_weight_update", info, version)
 
-def test_stuck_generator_times_out_naming_it_and_the_version():
-    ok, stuck = _Peer(), _Peer(stuck_in="update_weights")
-    client = TimedClient({"gen-0": ok, "gen-1": stuck}, timeout_s=0.5)
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_stuck_generator_times_out_naming_it_and_the_version(atomic):
+    method = "apply_weight_update" if atomic else "update_weights"
+    ok, stuck = _Peer(), _Peer(stuck_in=method)
+    client = TimedClient({"gen-0": ok, "gen-1": stuck}, timeout_s=0.5, atomic=atomic)
     client.version = 7
     client.start_weight_update()
     t0 = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"weights version 7: update_weights did not return within 0.5s on generator\(s\) gen-1$"):
+    with pytest.raises(TimeoutError, match=rf"weights version 7: {method} did not return within 0.5s on generator\(s\) gen-1$"):
         client.update_weights({"bucket": 0})
     assert time.monotonic() - t0 < 1.5
     stuck.release.set()
     client.finish_weight_update()
-    assert ok.calls[-1] == ("finish_weight_update", "7")
+    expected = ([("apply_weight_update", {"bucket": 0}, "7")] if atomic else
+                [("start_weight_update",), ("update_weights", {"bucket": 0}), ("finish_weight_update", "7")])
+    assert ok.calls == expected  # atomic: one call per version, nothing a queued request could slip between
 
 
 def test_failing_generator_is_named():
-    client = TimedClient({"gen-0": _Peer(fail_in="start_weight_update")}, timeout_s=5)
+    client = TimedClient({"gen-0": _Peer(fail_in="start_weight_update")}, timeout_s=5, atomic=False)
     client.version = 3
     with pytest.raises(RuntimeError, match="weights version 3: start_weight_update failed on generator gen-0: bad bucket"):
         client.start_weight_update()

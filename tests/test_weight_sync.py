@@ -168,19 +168,17 @@ def test_failed_transfer_leaves_old_version_whole(generator, push, tiny_model_di
     class LosesSecondBucket:
         """A generator whose second bucket of the update is missing from shared memory."""
 
-        def __init__(self):
-            self.updates = 0
-
         def __getattr__(self, name):
             return getattr(generator, name)
 
-        def update_weights(self, info):
-            self.updates += 1
-            generator.update_weights({**info, "path": info["path"] + ".gone"} if self.updates == 2 else info)
+        def apply_weight_update(self, info, version):
+            buckets = [dict(b) for b in info["buckets"]]
+            buckets[1]["path"] += ".gone"
+            generator.apply_weight_update({"buckets": buckets}, version)
 
     flaky = SharedMemoryTransport(bucket_mb=0.05)
     flaky.connect(TimedClient({"gen-w": LosesSecondBucket()}, timeout_s=60))
-    with pytest.raises(RuntimeError, match=f"weights version {v + 1}: update_weights failed on generator gen-w"):
+    with pytest.raises(RuntimeError, match=f"weights version {v + 1}: apply_weight_update failed on generator gen-w"):
         flaky.publish(v + 1, new)
     flaky.close()
     assert generator.version == v

@@ -49,7 +49,7 @@ class _Generator:
     def __init__(self, mode: str):
         self.mode = mode
 
-    def start_weight_update(self):
+    def apply_weight_update(self, update_info, version):
         if self.mode == "stuck":
             time.sleep(3600)
         if self.mode == "fails":
@@ -65,18 +65,18 @@ def test_push_rpc_to_stuck_dead_or_failing_actors_is_named(ray_local):
     cls = ray.remote(num_cpus=0)(_Generator)
     ok, stuck, fails, dead = cls.remote("ok"), cls.remote("stuck"), cls.remote("fails"), cls.remote("ok")
     ray.kill(dead)
-    ray.get(ok.start_weight_update.remote(), timeout=120)  # started: only the stuck one may miss the deadline
+    ray.get(ok.apply_weight_update.remote({}, "0"), timeout=120)  # started: only the stuck one may miss the deadline
 
     client = TimedClient({"gen-0": ok, "gen-1": stuck}, timeout_s=1.0)
     client.version = 4
     t0 = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"weights version 4: start_weight_update did not return within 1.0s on generator\(s\) gen-1$"):
-        client.start_weight_update()
+    with pytest.raises(TimeoutError, match=r"weights version 4: apply_weight_update did not return within 1.0s on generator\(s\) gen-1$"):
+        client.update_weights({"buckets": []})
     assert time.monotonic() - t0 < 1.0 + 2.0
     for peers, match in (({"gen-2": fails}, "(?s)failed on generator gen-2: .*engine refused"),
                          ({"gen-3": dead}, "(?s)failed on generator gen-3: .*(died|dead|killed)")):
         client = TimedClient({"gen-0": ok, **peers}, timeout_s=30.0)
         client.version = 4
         with pytest.raises(RuntimeError, match=match):
-            client.start_weight_update()
+            client.update_weights({"buckets": []})
     ray.kill(stuck)

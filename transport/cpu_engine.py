@@ -31,15 +31,14 @@ class SharedMemoryInitInfo(WeightTransferInitInfo):
 
 @dataclass
 class SharedMemoryUpdateInfo(WeightTransferUpdateInfo):
-    """One bucket: where its bytes are and how to cut them (a `BucketMeta` as a dict)."""
+    """Buckets of one version: for each, where its bytes are and how to cut them (`path`, a `BucketMeta` dict)."""
 
-    path: str
-    bucket: dict
+    buckets: list[dict]
 
-    def bucket_meta(self) -> BucketMeta:
-        b = self.bucket
-        tensors = tuple(TensorMeta(t["name"], t["dtype"], tuple(t["shape"]), t["offset"], t["nbytes"]) for t in b["tensors"])
-        return BucketMeta(b["index"], b["dtype"], b["nbytes"], tensors)
+
+def bucket_meta(b: dict) -> BucketMeta:
+    tensors = tuple(TensorMeta(t["name"], t["dtype"], tuple(t["shape"]), t["offset"], t["nbytes"]) for t in b["tensors"])
+    return BucketMeta(b["index"], b["dtype"], b["nbytes"], tensors)
 
 
 class SharedMemoryWeightTransferEngine(WeightTransferEngine[SharedMemoryInitInfo, SharedMemoryUpdateInfo]):
@@ -63,9 +62,10 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[SharedMemoryInitInfo
     def receive_weights(self, update_info: SharedMemoryUpdateInfo) -> None:
         if self.pending is None:
             raise RuntimeError("relay_cpu weight transfer: update_weights before start_weight_update")
-        meta = update_info.bucket_meta()
-        buf = torch.from_file(update_info.path, shared=False, size=meta.nbytes, dtype=torch.uint8)  # (nbytes,)
-        self.pending.extend(unpack_bucket(buf, meta, copy=True))  # own the bytes: the sender deletes the file after finish
+        for item in update_info.buckets:
+            meta = bucket_meta(item["bucket"])
+            buf = torch.from_file(item["path"], shared=False, size=meta.nbytes, dtype=torch.uint8)  # (nbytes,)
+            self.pending.extend(unpack_bucket(buf, meta, copy=True))  # own the bytes: the sender deletes the files
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload

@@ -1,11 +1,11 @@
 """Weights pushed through vLLM's weight-transfer engine API, with a deadline on every call.
 
 vLLM exposes one control plane for live weight updates: `init_weight_transfer_engine`
-once, then per version `start_weight_update`, `update_weights` (one call per
-bucket, or one call that streams every bucket over NCCL) and
-`finish_weight_update`. The engine named in the vLLM config moves the data:
-`nccl` on GPU clusters (transport/nccl.py), `relay_cpu` here (transport/cpu_engine.py,
-buckets through shared memory), so the same call sequence runs in CPU tests.
+once, then per version `start_weight_update`, `update_weights` (one call that
+carries or streams every bucket) and `finish_weight_update`. The engine named in
+the vLLM config moves the data: `nccl` on GPU clusters (transport/nccl.py),
+`relay_cpu` on one CPU host (transport/cpu_engine.py, buckets through shared
+memory), so the same call sequence runs in CPU tests.
 
 These transports push: `publish` returns once every generator has applied the
 version whole, so there is nothing left for a generator to fetch. Every call
@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,18 @@ from transport.weights import NamedTensors, WeightHandle, WeightTransport
 class TimedClient:
     """vLLM's trainer-side `VLLMWeightSyncClient` over named generators, each call bounded by `timeout_s`.
 
-    A peer is a Ray actor handle whose class delegates the five weight-transfer methods to a `Generator`,
-    or a local object with those methods (tests, single-process runs). All peers are called concurrently:
-    NCCL needs every receiver inside `update_weights` while the trainer broadcasts."""
+    A peer is a Ray actor handle whose class delegates `init_weight_transfer_engine` and
+    `apply_weight_update` (or, not atomic, start/update/finish) to a `Generator`, or a local object with
+    those methods (tests, single-process runs). All peers are called concurrently: NCCL needs every
+    receiver inside `update_weights` while the trainer broadcasts."""
 
-    def __init__(self, peers: dict[str, Any], timeout_s: float, workers_per_generator: int = 1):
+    def __init__(self, peers: dict[str, Any], timeout_s: float, workers_per_generator: int = 1, atomic: bool = True):
         if not peers:
             raise ValueError("a weight-transfer client needs at least one generator")
         self.peers, self.timeout_s, self.workers_per_generator = dict(peers), timeout_s, workers_per_generator
+        # atomic: the generator runs start/update/finish in one `apply_weight_update` call (sent when the trainer
+        # engine calls update_weights), so a request queued on a single-threaded actor cannot run mid-update
+        self.atomic = atomic
         self.version: int | None = None  # the version being sent, for error messages and finish
 
     def _call(self, method: str, *args, per_peer: dict[str, tuple] | None = None) -> None:
@@ -73,14 +77,18 @@ class TimedClient:
         self._call("init_weight_transfer_engine", per_peer=per_peer)
 
     def start_weight_update(self) -> None:
-        self._call("start_weight_update")
+        if not self.atomic:
+            self._call("start_weight_update")
 
     def update_weights(self, update_info: dict | list[dict]) -> None:
-        self._call("update_weights", update_info)
+        if self.atomic:
+            self._call("apply_weight_update", update_info, str(self.version))
+        else:
+            self._call("update_weights", update_info)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        version = weight_version if weight_version is not None else (None if self.version is None else str(self.version))
-        self._call("finish_weight_update", version)
+        if not self.atomic:
+            self._call("finish_weight_update", weight_version if weight_version is not None else str(self.version))
 
     def shutdown_weight_transfer_engine(self) -> None:
         self._call("shutdown_weight_transfer_engine")
@@ -124,8 +132,8 @@ class PushTransport(WeightTransport):
 
 
 class SharedMemoryTransport(PushTransport):
-    """CPU stand-in for NCCL through the same vLLM API: each bucket is a file in shared memory (/dev/shm) and
-    `update_weights` carries its path and layout, one call per bucket. Generators must share the host."""
+    """CPU stand-in for NCCL through the same vLLM API: each bucket is a file in shared memory (/dev/shm);
+    one `update_weights` call carries every bucket's path and layout. Generators must share the host."""
 
     name = "relay_cpu"
 
@@ -143,11 +151,13 @@ class SharedMemoryTransport(PushTransport):
         vdir = self.dir / f"v{version:08d}"
         vdir.mkdir(exist_ok=True)
         try:
-            client.start_weight_update()
+            buckets = []
             for bucket in plan:
                 path = vdir / f"bucket{bucket.index:05d}.bin"
                 _write_bucket(state, bucket, path)
-                client.update_weights({"path": str(path), "bucket": asdict(bucket)})
+                buckets.append({"path": str(path), "bucket": asdict(bucket)})
+            client.start_weight_update()
+            client.update_weights({"buckets": buckets})  # one call per version; the data stays in shared memory
             client.finish_weight_update()
         finally:
             shutil.rmtree(vdir, ignore_errors=True)

@@ -1,14 +1,17 @@
 """NCCL weight broadcast for GPU clusters, through vLLM's weight-transfer engine API.
 
 The learner's rank 0 joins one NCCL group with every generator's vLLM workers
-(`init_weight_transfer_engine`, once) and, per version, drives vLLM's own
-trainer-side engine (`NCCLTrainerWeightTransferEngine.send_weights`): it calls
-`start_weight_update` on every generator, runs their `update_weights` while it
-broadcasts the weights packed into buckets of `bucket_mb` (vLLM's packed
-format: a few large broadcasts, not one per parameter), then
-`finish_weight_update` with the version. vLLM's worker engine loads each bucket
-as it arrives inside a layerwise reload; the generator refuses to serve between
-start and finish (actors/generator.py), so it serves v or v+1, never a mix.
+(`init_weight_transfer_engine`, once; each generator gets its own NCCL ranks) and,
+per version, drives vLLM's own trainer-side engine
+(`NCCLTrainerWeightTransferEngine.send_weights`): while it broadcasts the weights
+packed into buckets of `bucket_mb` (vLLM's packed format: a few large
+broadcasts, not one per parameter), every generator runs vLLM's
+`start_weight_update` / `update_weights` / `finish_weight_update` (with the
+version) as one `apply_weight_update` call (transport/engine.py, atomic client), so
+no request queued on a single-threaded actor runs in between. vLLM's worker
+engine loads each bucket as it arrives inside a layerwise reload; a generator
+whose update did not finish refuses to serve (actors/generator.py), so it serves
+v or v+1, never a mix.
 
 Every blocking step has a deadline. NCCL itself cannot be interrupted: after a
 timeout the group is unusable, the transport says so on every later publish,
