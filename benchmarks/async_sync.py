@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ray
 
-from benchmarks.common import CACHE, result, spread
+from benchmarks.common import CACHE, ray_restart, ray_start, result, spread
 from launch.config import RunConfig, load_config
 from launch.loop import Launcher
 from launch.model import build_default_model
@@ -53,17 +53,8 @@ class StepClock(threading.Thread):
             time.sleep(self.poll_s)
 
 
-def kill_launcher(launcher: Launcher) -> None:
-    """Stop every actor a launcher started, so the next benchmark gets the CPUs."""
-    fleet = getattr(launcher, "fleet", None)  # the rollout fleet, where the launcher keeps one
-    if fleet is not None:
-        fleet.kill_all()
-    for handle in (*getattr(launcher, "actors", []), *launcher.ranks, launcher.buffer):
-        ray.kill(handle)
-
-
 def run_job(cfg: RunConfig, model_path: str) -> tuple[dict, list[dict], list[float]]:
-    """(summary, per-step metrics, seconds at which each step's line appeared) of one run; actors killed after."""
+    """(summary, per-step metrics, seconds at which each step's line appeared) of one run; Ray is restarted after."""
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         clock = StepClock(Path(tmp) / "metrics.jsonl")
         clock.start()
@@ -71,7 +62,7 @@ def run_job(cfg: RunConfig, model_path: str) -> tuple[dict, list[dict], list[flo
         try:
             summary = launcher.run()
         finally:
-            kill_launcher(launcher)
+            ray_restart()  # every actor the launcher started goes with the session, whatever it keeps them in
             time.sleep(2 * clock.poll_s)
             clock.stop.set()
             clock.join()
@@ -124,5 +115,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     quick = parser.parse_args().quick
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray_start()
     print(json.dumps(run(quick)))

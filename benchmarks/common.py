@@ -24,6 +24,22 @@ VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"
             "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def ray_start() -> None:
+    """A fresh local Ray of our own (address="local": never a cluster another engineer started on this machine)."""
+    import ray
+
+    ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}})
+
+
+def ray_restart() -> None:
+    """Drop every actor of the previous measurement with the session, so the next one starts on idle CPUs."""
+    import ray
+
+    ray.shutdown()
+    ray_start()
+
+
 def spread(values: list[float]) -> float | None:
     """(max - min) / median: 0.1 means the repeats disagreed by 10% of the median."""
     med = statistics.median(values)

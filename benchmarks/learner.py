@@ -21,7 +21,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from benchmarks.common import build_bench_model, result, spread
+from benchmarks.common import build_bench_model, ray_start, result, spread
 from benchmarks.weight_sync import free_port
 from buffer.testing import fake_group_fast
 from learner.batch import to_tensors, token_logprobs
@@ -108,5 +108,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     quick = parser.parse_args().quick
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray_start()
     print(json.dumps(run(quick)))

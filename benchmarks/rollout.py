@@ -21,7 +21,7 @@ import ray
 from actors.actor import make_rollout_actor
 from actors.config import ActorConfig
 from actors.generator import Generator, Prompt
-from benchmarks.common import VLLM_ENV, default_job_model, result, spread
+from benchmarks.common import VLLM_ENV, default_job_model, ray_start, result, spread
 from buffer.actor import make_buffer_actor
 from buffer.config import BufferConfig
 from launch.data import load_prompts
@@ -117,5 +117,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     quick = parser.parse_args().quick
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray_start()
     print(json.dumps(run(quick)))

@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks.common import REQUIRED_NAMES, machine_info, result, skipped, write_results
+from benchmarks.common import REQUIRED_NAMES, machine_info, ray_start, result, skipped, write_results
 
 # Module per measurement, in run order, with the result names each returns.
 SUITE = (
@@ -40,9 +40,7 @@ def run_suite(quick: bool, only: set[str] | None) -> tuple[list[dict], bool]:
 
     import ray
 
-    # address="local": always a fresh instance of our own, never a cluster another engineer started here
-    ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}})
+    ray_start()
     by_name, ok = {}, True
     try:
         for module, names in SUITE:

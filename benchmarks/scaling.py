@@ -18,7 +18,7 @@ import statistics
 import ray
 
 from actors.config import ActorConfig
-from benchmarks.common import default_job_model, result, spread
+from benchmarks.common import default_job_model, ray_start, result, spread
 from benchmarks.rollout import make_requests, relay_tokens_per_s, sink_buffer, start_actors
 
 
@@ -54,5 +54,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     quick = parser.parse_args().quick
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray_start()
     print(json.dumps(run(quick)))

@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from benchmarks.async_sync import run_job
-from benchmarks.common import build_bench_model, result, skipped
+from benchmarks.common import build_bench_model, ray_start, result, skipped
 from launch.config import load_config
 
 GROUP, COMPLETIONS, COMPLETION_LEN, LR = 8, 16, 32, 1e-5  # 2 prompts x 8 completions of <= 32 tokens per step
@@ -118,7 +118,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     quick = parser.parse_args().quick
-    import ray
-
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray_start()
     print(json.dumps(run(quick)))

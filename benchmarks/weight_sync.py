@@ -23,7 +23,7 @@ import ray
 import torch
 
 from actors.config import ActorConfig
-from benchmarks.common import build_bench_model, result, spread
+from benchmarks.common import build_bench_model, ray_start, result, spread
 from benchmarks.rollout import start_actors
 from learner.actor import LearnerRank
 from learner.config import LearnerConfig
@@ -105,5 +105,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     quick = parser.parse_args().quick
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray_start()
     print(json.dumps(run(quick)))
