@@ -134,6 +134,8 @@ def test_generator_matches_learner_weights_under_zero(stage, path, generator, pu
     assert set(state) == set(ckpt) and "lm_head.weight" in state
     assert max(float((state[k] - ckpt[k]).abs().max()) for k in state) > 1e-3, "training did not move the weights"
     assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])  # tied, sent under both names
+    saved = _hf(learner.save_pretrained(str(tmp_path / "hf"))).state_dict()  # the export path reads the same state
+    assert all(torch.equal(saved[k], state[k]) for k in state)
 
     version = 10 + stage
     if path == "pull":
