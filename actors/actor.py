@@ -19,9 +19,9 @@ class RolloutActor:
     thread of this actor) while `generate` runs."""
 
     def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int,
-                 buffer, transport: WeightTransport, fetch_timeout_s: float):
+                 buffer, transport: WeightTransport, fetch_timeout_s: float, version: int = 0):
         gen_cls = InflightGenerator if cfg.weight_update_mode == "in_flight" else Generator
-        self.gen = gen_cls(cfg, model_path, generator_id, max_model_len)
+        self.gen = gen_cls(cfg, model_path, generator_id, max_model_len, version)
         self.buffer, self.transport, self.fetch_timeout_s = buffer, transport, fetch_timeout_s
         self._sync_lock = threading.Lock()  # in_flight: generate's sync and offer_weights run on two threads
         self._offered: WeightHandle | None = None  # between_batches: the newest offer, applied at the next request
@@ -84,7 +84,7 @@ def _newest(*handles: WeightHandle | None) -> WeightHandle | None:
     return max(known, key=lambda h: h.version) if known else None
 
 
-def make_rollout_actor(cfg: ActorConfig, index: int, **kwargs):
+def make_rollout_actor(cfg: ActorConfig, generator: int | str, **kwargs):
     """Each actor requests its own resources, so an autoscaler can add nodes for rollouts alone."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
            "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -94,4 +94,5 @@ def make_rollout_actor(cfg: ActorConfig, index: int, **kwargs):
         # in_flight: offer_weights (and evaluate) must run while generate blocks, so the actor is threaded
         max_concurrency=4 if cfg.weight_update_mode == "in_flight" else 1,
     )
-    return cls.remote(cfg, generator_id=f"gen-{index}", **kwargs)
+    generator_id = f"gen-{generator}" if isinstance(generator, int) else generator  # an index or a full id
+    return cls.remote(cfg, generator_id=generator_id, **kwargs)

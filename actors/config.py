@@ -39,3 +39,5 @@ class ActorConfig(BaseModel):
     """Base seed; each actor derives its own so actors do not draw the same samples."""
     weight_update_mode: Literal["between_batches", "in_flight"] = "between_batches"
     """When new weights reach an engine: between requests, or in_flight (pause, load, resume; per-token versions)."""
+    max_failures: int = Field(3, ge=1)
+    """A rollout actor that fails (dies, errors, or overruns ray.rpc_timeout_s) this many times in a row stops the run."""

@@ -176,6 +176,9 @@ def validate(cfg: RunConfig) -> None:
     for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if source and not source.startswith("synthetic:") and not Path(source).is_file():
             raise ConfigError(f"config key {key!r}: dataset file {source} does not exist")
+    if A.weight_update_mode == "in_flight" and cfg.weights.transport not in ("object_store", "disk"):
+        raise ConfigError(f"config key 'actors.weight_update_mode': in_flight works with weights.transport object_store "
+                          f"or disk, not {cfg.weights.transport!r} (a push transport is not wired to pause/resume)")
     if cfg.data.eval_every and not cfg.data.eval:
         raise ConfigError("config key 'data.eval_every': set data.eval to a held-out prompt file as well")
     if L.groups_per_step % L.num_ranks:

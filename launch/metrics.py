@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 # Keys every metrics.jsonl line carries (None where a value does not apply to the run).
@@ -17,19 +18,34 @@ def _clean(v):
     return v
 
 
+def read_history(run_dir: Path, up_to_step: int) -> list[dict]:
+    """Training records of steps <= up_to_step (a resumed run continues the first run's history)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [r for r in rows if "reward_mean" in r and r["step"] <= up_to_step]
+
+
 class MetricsLog:
-    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, progress: bool):
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+    """metrics.jsonl (one line per learner step, plus eval lines), events.jsonl (fleet, checkpoints), TensorBoard,
+    a progress bar. With start_step > 0 (a resume) lines past the checkpoint are dropped, not duplicated."""
+
+    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, progress: bool, start_step: int = 0):
+        path = run_dir / "metrics.jsonl"
+        if start_step and path.exists():  # the dead process may have logged steps after its last checkpoint
+            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
+            path.write_text("".join(line + "\n" for line in keep))
+        self.file = open(path, "a", buffering=1)
+        self.events = open(run_dir / "events.jsonl", "a", buffering=1)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.bar = None
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="relay", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="relay", unit="step", dynamic_ncols=True)
 
     def log(self, record: dict) -> None:
         record = {k: _clean(record.get(k)) for k in REQUIRED} | {k: _clean(v) for k, v in record.items()}
@@ -44,7 +60,22 @@ class MetricsLog:
             self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", sps=f"{record['samples_per_s'] or 0:.0f}",
                                  stale=f"{record['staleness_mean']:.2f}", v=record["policy_version"], refresh=False)
 
+    def log_eval(self, step: int, metrics: dict) -> None:
+        """Held-out evaluation: an `eval/...` line in metrics.jsonl and the same scalars in TensorBoard."""
+        self.file.write(json.dumps({"step": step, **{k: _clean(v) for k, v in metrics.items()}}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def event(self, record: dict) -> None:
+        """Something that happened to the run (an actor died, restarted, was added; a checkpoint was written)."""
+        self.events.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        if self.bar is not None and record.get("event") in ("actor_failed", "actor_added", "actor_retiring", "resumed"):
+            self.bar.write(f"relay: step {record.get('step')}: {record['event']} {record.get('actor', record.get('path', ''))}")
+
     def close(self) -> None:
+        self.events.close()
         self.file.close()
         if self.tb is not None:
             self.tb.close()

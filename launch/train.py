@@ -33,7 +33,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     parser.add_argument("--config", help="YAML file under configs/ (default: the embedded default job)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and placement, then exit")
     parser.add_argument("--run-dir", help="run directory (default: <output_dir>/<name>-<timestamp>)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue RUN_DIR from its latest checkpoint, with its config.yaml (overrides still apply)")
     args, rest = parser.parse_known_args(argv)
+    if args.resume:
+        if args.config or args.run_dir:
+            raise ConfigError("--resume takes the run's own config.yaml and directory: drop --config/--run-dir")
+        config = Path(args.resume) / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(f"--resume {args.resume}: not a run directory ({config} missing)")
+        args.config, args.run_dir = str(config), args.resume
     cfg = load_config(args.config, parse_overrides(rest))
     return args, cfg
 
@@ -62,12 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump({"config": cfg.model_dump(mode="json"), "placement": placement(cfg)}, sort_keys=False))
         return 0
     run_dir = Path(args.run_dir or Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    summary = run(cfg, run_dir)
+    if args.resume:
+        from launch import checkpoint
+
+        try:
+            checkpoint.latest(run_dir)  # before any actor starts
+        except FileNotFoundError as exc:
+            print(f"relay: {exc}", file=sys.stderr)
+            return 2
+    summary = run(cfg, run_dir, resume=bool(args.resume))
     print("relay: done " + json.dumps(summary))
     return 0
 
 
-def run(cfg: RunConfig, run_dir: Path) -> dict:
+def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     import ray
 
     from launch.loop import Launcher
@@ -78,7 +95,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     model_path = cfg.model.path or build_default_model(cfg.model, cfg.data.max_operand, Path(cfg.output_dir) / "_models")
     started = init_ray(cfg)
     try:
-        summary = Launcher(cfg, run_dir, model_path).run()
+        summary = Launcher(cfg, run_dir, model_path, resume=resume).run()
     finally:
         if started:
             ray.shutdown()

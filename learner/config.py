@@ -49,5 +49,7 @@ class LearnerConfig(BaseModel):
     """How long a step waits for the buffer to hold a batch before the run fails naming the buffer."""
     track_ref_kl: bool = True
     """Hold a frozen reference model to report kl_to_ref even when the objective does not need it."""
-    checkpoint_every: int = Field(0, ge=0)
-    """Save a resumable checkpoint every k steps (0 = only at the end)."""
+    checkpoint_every: int = Field(200, ge=0)
+    """Save a resumable checkpoint (learner, weights, buffer, data position) every k steps; 0 = never."""
+    checkpoint_keep: int = Field(2, ge=1)
+    """Resumable checkpoints kept; older ones are deleted after a newer one is complete."""

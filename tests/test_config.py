@@ -91,3 +91,11 @@ def test_cli_dry_run_prints_config_and_placement():
     assert rows["rollout"]["count"] == 3 and rows["learner_rank"]["count"] == 2
     assert out["config"]["actors"]["num_actors"] == 3
     json.dumps(out)  # plain data only
+
+
+def test_in_flight_updates_refuse_push_transports():
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="actors.weight_update_mode"):
+        load_config(None, {"actors.weight_update_mode": "in_flight", "weights.transport": "nccl"})
+    assert load_config(None, {"actors.weight_update_mode": "in_flight"}).actors.weight_update_mode == "in_flight"

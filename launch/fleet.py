@@ -1,0 +1,143 @@
+"""The rollout fleet: which rollout actors exist, what each is doing, and how a dead one is replaced.
+
+A plain bookkeeping class over Ray actor handles; the launcher's event loop owns
+it. Each slot's actor is `starting` (its engine is loading; a `ready` future is
+pending), `idle`, `busy` (one generation request in flight) or `retiring`
+(scaled away: it finishes its request, then is killed). A failed actor is
+replaced in the same slot with a fresh generator id (so its sampling seed
+differs); after `max_failures` failures in a row without a success, the run
+stops with an error naming the actor rather than looping.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ray
+
+
+class ActorFailedError(RuntimeError):
+    """A rollout actor failed `max_failures` times in a row."""
+
+
+@dataclass
+class Slot:
+    index: int
+    actor: object
+    generator_id: str
+    state: str = "starting"  # starting | idle | busy | retiring
+    ready: object = None  # ObjectRef of the actor's first call while starting
+    failures: int = 0  # consecutive
+    restarts: int = 0
+    requests_done: int = 0
+    pid: int | None = None
+    started_at: float = field(default_factory=time.time)
+
+
+class RolloutFleet:
+    def __init__(self, make_actor: Callable[[str], object], max_failures: int):
+        self._make, self.max_failures = make_actor, max_failures
+        self.slots: dict[int, Slot] = {}
+        self.events: list[dict] = []  # drained by the launcher into events.jsonl
+
+    # ---- membership ---------------------------------------------------------------------------
+    def _start(self, index: int, restarts: int = 0, failures: int = 0) -> Slot:
+        gid = f"gen-{index}" if restarts == 0 else f"gen-{index}.r{restarts}"
+        actor = self._make(gid)
+        slot = Slot(index, actor, gid, ready=actor.pid.remote(), failures=failures, restarts=restarts)
+        self.slots[index] = slot
+        return slot
+
+    def scale_to(self, n: int) -> None:
+        """Start actors up to n live ones, or retire the highest-numbered down to n (a busy one finishes first)."""
+        live = sorted(i for i, s in self.slots.items() if s.state != "retiring")
+        first = max(self.slots, default=-1) + 1
+        for index in range(first, first + n - len(live)):  # empty when scaling down
+            self._start(index)
+            self.events.append({"event": "actor_added", "actor": f"gen-{index}"})
+        for index in reversed(live[n:]):  # empty when scaling up
+            slot = self.slots[index]
+            self.events.append({"event": "actor_retiring", "actor": slot.generator_id})
+            if slot.state == "busy":
+                slot.state = "retiring"
+            else:
+                self._remove(index)
+
+    def _remove(self, index: int) -> None:
+        slot = self.slots.pop(index)
+        _close(slot, timeout_s=30)
+        ray.kill(slot.actor, no_restart=True)
+        self.events.append({"event": "actor_removed", "actor": slot.generator_id})
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def starting_refs(self) -> dict:
+        return {s.ready: s.index for s in self.slots.values() if s.state == "starting"}
+
+    def on_ready(self, index: int) -> None:
+        """The starting actor of `index` answered (or failed to start: raises through `ray.get`)."""
+        slot = self.slots[index]
+        try:
+            slot.pid = ray.get(slot.ready, timeout=0)
+        except ray.exceptions.RayError as exc:
+            self.on_failure(index, exc)
+            return
+        slot.state, slot.ready = "idle", None
+        self.events.append({"event": "actor_ready", "actor": slot.generator_id, "pid": slot.pid})
+
+    def idle(self) -> list[int]:
+        return sorted(i for i, s in self.slots.items() if s.state == "idle")
+
+    def busy(self, index: int) -> object:
+        self.slots[index].state = "busy"
+        return self.slots[index].actor
+
+    def on_success(self, index: int, version: int, offered_version: int) -> None:
+        """A request finished; the first one of each actor records the weights it sampled under."""
+        slot = self.slots[index]
+        if slot.requests_done == 0:
+            self.events.append({"event": "actor_first_result", "actor": slot.generator_id, "version": version,
+                                "offered_version": offered_version})
+        slot.failures, slot.requests_done = 0, slot.requests_done + 1
+        if slot.state == "retiring":
+            self._remove(index)
+        else:
+            slot.state = "idle"
+
+    def on_failure(self, index: int, error: BaseException) -> None:
+        """Replace the actor of `index` (kill it first: a stuck one must not push late results)."""
+        slot = self.slots[index]
+        ray.kill(slot.actor, no_restart=True)
+        failures = slot.failures + 1
+        self.events.append({"event": "actor_failed", "actor": slot.generator_id, "failures": failures,
+                            "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]})
+        if failures >= self.max_failures:
+            raise ActorFailedError(f"rollout actor gen-{index} failed {failures} times in a row "
+                                   f"(actors.max_failures={self.max_failures}); last error: {error}") from error
+        if slot.state == "retiring":  # it was leaving anyway
+            del self.slots[index]
+            return
+        new = self._start(index, restarts=slot.restarts + 1, failures=failures)
+        self.events.append({"event": "actor_restarted", "actor": new.generator_id})
+
+    def snapshot(self) -> dict:
+        """What `actors.json` shows an operator (and what `launch.scale` reports)."""
+        return {"pid": os.getpid(), "actors": [
+            {"slot": s.index, "generator_id": s.generator_id, "state": s.state, "pid": s.pid,
+             "restarts": s.restarts, "consecutive_failures": s.failures} for s in self.slots.values()]}
+
+    def close_all(self, timeout_s: float) -> None:
+        """Stop every engine cleanly (an in_flight engine is a separate process) and the actors with them."""
+        for slot in list(self.slots.values()):
+            _close(slot, timeout_s)
+            ray.kill(slot.actor, no_restart=True)
+        self.slots.clear()
+
+
+def _close(slot: Slot, timeout_s: float) -> None:
+    if slot.state in ("idle", "busy", "retiring"):
+        try:
+            ray.get(slot.actor.close.remote(), timeout=timeout_s)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass  # it is being killed either way; a dead actor has nothing left to close

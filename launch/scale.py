@@ -1,0 +1,66 @@
+"""`python -m launch.scale --run <run dir> --rollout-actors N [--stop]`: resize (or stop) a running job's rollout fleet.
+
+The running launcher watches `<run dir>/control.json` once a second. Scaling up
+starts new rollout actors (each requests its own CPUs/GPUs, so a Ray autoscaler
+can add nodes for them) that load the newest weights before they sample;
+scaling down retires the highest-numbered actors, each finishing the request it
+holds first, so no prompt is lost. Without `--rollout-actors` it prints the
+fleet the launcher last reported (`actors.json`). `--stop` ends the run cleanly: the step under
+way finishes, a checkpoint is written, and `python -m launch.train --resume <run dir>` continues it. On a cluster, run it where the
+run directory is (e.g. `ray job submit -- python -m launch.scale ...` on the head).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from launch.loop import CONTROL
+
+
+def request(run_dir: Path, rollout_actors: int | None = None, stop: bool = False) -> Path:
+    """Write the request atomically (the launcher never reads half a file); a stop keeps the fleet size asked last."""
+    if rollout_actors is not None and rollout_actors < 1:
+        raise ValueError(f"--rollout-actors must be >= 1, got {rollout_actors}")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    path = run_dir / CONTROL
+    control = json.loads(path.read_text()) if path.is_file() else {}
+    if rollout_actors is not None:
+        control["rollout_actors"] = rollout_actors
+    control.update(stop=stop or control.get("stop", False), requested_at=time.time())
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(control))
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="the run directory of a running job")
+    parser.add_argument("--rollout-actors", type=int, help="the number of rollout actors to run from now on")
+    parser.add_argument("--stop", action="store_true",
+                        help="finish the current step, write a checkpoint and exit (continue with launch.train --resume)")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run)
+    try:
+        if args.rollout_actors is not None or args.stop:
+            path = request(run_dir, args.rollout_actors, args.stop)
+            print(f"relay: asked {path} for " + ", ".join(
+                ([f"{args.rollout_actors} rollout actors"] if args.rollout_actors is not None else []) +
+                (["a stop after the current step"] if args.stop else [])))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    fleet = run_dir / "actors.json"
+    if fleet.is_file():
+        print(fleet.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
