@@ -143,3 +143,14 @@ def test_independent_generators_get_distinct_nccl_ranks(workers):
     assert all(info["world_size"] == world and info["master_port"] == 29500 for info in infos)
     for info in infos:
         NCCLWeightTransferInitInfo(**info)  # each is still a valid worker init info
+
+
+def test_weight_sync_config_accepts_nccl_and_checks_bucket_size():
+    from launch.config import ConfigError, load_config
+
+    cfg = load_config(None, {"weights.transport": "nccl", "weights.bucket_mb": 64})
+    assert cfg.weights.transport == "nccl" and cfg.weights.bucket_mb == 64
+    with pytest.raises(ConfigError, match="'weights.bucket_mb'"):
+        load_config(None, {"weights.bucket_mb": 0})
+    with pytest.raises(ConfigError, match="'weights.transport'"):
+        load_config(None, {"weights.transport": "relay_cpu"})  # a test path, not a run option
