@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 import time
 
 import ray
@@ -52,6 +53,8 @@ class RolloutActor:
         load_s = self.sync(_newest(handle, self._offered))
         result = self.gen.generate(prompts)
         result.load_s += load_s  # plus, in_flight, the time generation stood paused for swaps during the request
+        if result.batch is not None:  # samples whose reward raised or was not finite: scored 0, counted by reason
+            result.reward_faults = dict(Counter(x for x in result.batch.column("reward_info").to_pylist() if x))
         if result.batch is not None or request_id is not None:
             put = self.buffer.put.remote(result.batch, None, request_id, result.skipped)
             result.duplicate = ray.get(put, timeout=put_timeout_s) < 0

@@ -13,7 +13,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -39,6 +39,7 @@ class GenerationResult:
     load_s: float  # time spent applying new weights before sampling (0 if none)
     skipped: dict[str, int]  # reason -> groups
     duplicate: bool = False  # the buffer already held this request (a re-issue raced the original)
+    reward_faults: dict[str, int] = field(default_factory=dict)  # samples scored 0 because the reward failed, by reason
 
 
 class Generator:

@@ -81,7 +81,9 @@ class RayConfig(BaseModel):
     include_dashboard: bool = False
     """Local Ray only: start the dashboard."""
     rpc_timeout_s: float = Field(600.0, gt=0)
-    """Longest wait on any actor call before the run fails naming the actor."""
+    """Longest wait on any actor call (a generation request, a learner step, a put) before it counts as failed."""
+    startup_timeout_s: float = Field(900.0, gt=0)
+    """Longest wait for the learner ranks to load the model and start DeepSpeed."""
 
 
 class RunConfig(BaseModel):

@@ -85,6 +85,7 @@ class Launcher:
         self.offers: dict = {}  # in_flight mode: ObjectRef of offer_weights -> generator id
         self.request_seq, self.groups_dispatched, self.reissued = 0, 0, 0
         self.trained: Counter[str] = Counter()
+        self.reward_faults: Counter[str] = Counter()
         self.last_load_s = 0.0
         self.throughput = Throughput()
         if resume:
@@ -142,6 +143,7 @@ class Launcher:
         if missing:  # groups that will never arrive give their admission slots back
             self.buffer.release.remote(missing)
         self.skipped.update(result.skipped)
+        self.reward_faults.update(result.reward_faults)
         self.throughput.rows += result.groups * self.cfg.actors.n
         self.throughput.tokens += result.tokens
         self.last_load_s = result.load_s or self.last_load_s
@@ -190,6 +192,7 @@ class Launcher:
             "weight_load_s": self.last_load_s, "rollout_actors": len(self.fleet.slots),
             "actor_restarts": sum(s.restarts for s in self.fleet.slots.values()),
             **{f"skipped/{k}": v for k, v in self.skipped.items()},
+            **{f"reward_faults/{k}": v for k, v in self.reward_faults.items()},
         }
         log.log(record)
         return record
@@ -247,6 +250,7 @@ class Launcher:
         return {"step": self.version, "policy_version": self.policy_version, "stream": self.stream.state(),
                 "request_seq": self.request_seq, "groups_dispatched": self.groups_dispatched, "reissued": self.reissued,
                 "requests": [asdict(r) for r in requests], "skipped": dict(self.skipped), "trained": dict(self.trained),
+                "reward_faults": dict(self.reward_faults),
                 "rollout_actors": self.fleet_target}
 
     def _learner_died(self, during: str) -> RuntimeError:
@@ -265,7 +269,7 @@ class Launcher:
     def _restore(self, path: Path) -> None:
         s = checkpoint.load_state(path)
         timeout = self.cfg.ray.rpc_timeout_s
-        steps = ray.get([r.load_checkpoint.remote(str(path / "learner")) for r in self.ranks], timeout=timeout)
+        steps = ray.get([r.load_checkpoint.remote(str(path / "learner")) for r in self.ranks], timeout=self.cfg.ray.startup_timeout_s)
         if set(steps) != {s["step"]}:
             raise RuntimeError(f"checkpoint {path}: learner ranks restored steps {steps}, launcher state says {s['step']}")
         ray.get(self.buffer.load.remote(str(path / "buffer")), timeout=timeout)
@@ -274,6 +278,7 @@ class Launcher:
         self.stream.restore(s["stream"])
         self.request_seq, self.groups_dispatched, self.reissued = s["request_seq"], s["groups_dispatched"], s["reissued"]
         self.skipped, self.trained = Counter(s["skipped"]), Counter(s["trained"])
+        self.reward_faults = Counter(s.get("reward_faults", {}))
         for r in s["requests"]:  # in flight at the checkpoint: re-issue unless the buffer already holds it
             req = Request(r["id"], [Prompt(**p) for p in r["prompts"]], attempts=r["attempts"])
             if not ray.get(self.buffer.has_request.remote(req.id), timeout=timeout):
@@ -283,7 +288,11 @@ class Launcher:
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        ray.get([r.node_ip.remote() for r in self.ranks], timeout=cfg.ray.rpc_timeout_s)
+        try:
+            ray.get([r.node_ip.remote() for r in self.ranks], timeout=cfg.ray.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise TimeoutError(f"the {len(self.ranks)} learner rank(s) did not start within ray.startup_timeout_s="
+                               f"{cfg.ray.startup_timeout_s}s (not enough CPUs/GPUs free for learner.num_cpus/num_gpus?)") from exc
         start_step = self.version
         log = MetricsLog(self.run_dir, cfg.learner.total_steps, cfg.tensorboard, cfg.progress, start_step=start_step)
         if start_step:
@@ -324,6 +333,7 @@ class Launcher:
                         timeout=cfg.ray.rpc_timeout_s)[0]
         buffer_stats = ray.get(self.buffer.stats.remote(), timeout=cfg.ray.rpc_timeout_s)
         summary = summarize(history, wall, final, buffer_stats, dict(self.skipped))
+        summary["reward_faults"] = dict(self.reward_faults)
         summary["ledger"] = self._ledger(buffer_stats)
         summary["resumed_from_step"] = start_step
         summary["stopped_at_request"] = self.stop_requested

@@ -217,3 +217,48 @@ def test_learner_killed_from_outside_then_resumed(launcher_factory, tmp_path):
     assert [r["policy_version"] for r in rows][k:] == list(range(k + 1, 12)) + [11]  # the clock continued from k
     _assert_nothing_lost(summary["ledger"])
     assert [e["event"] for e in _events(run_dir)].count("resumed") == 1
+
+
+def test_bad_data_is_counted_and_the_run_goes_on(launcher_factory, tmp_path):
+    """Malformed prompt rows, a prompt longer than the context, a reward that raises and one that returns NaN:
+    each is skipped or scored 0 and counted by reason; the run finishes and the ledger balances."""
+    rows = [json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) for a in range(5) for b in range(5)]
+    rows += ["{not json", json.dumps({"prompt": "1+1="}), json.dumps(["a", "list"]),
+             json.dumps({"prompt": "+".join(["1"] * 80) + "=", "answer": "80"})]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    reward = tmp_path / "reward.py"
+    reward.write_text(
+        "import math\n\n"
+        "def reward(text, answer):\n"
+        "    if answer == '3':\n        raise ZeroDivisionError('user bug')\n"
+        "    if answer == '4':\n        return math.nan\n"
+        "    return float(text.strip() == answer)\n")
+    launcher = launcher_factory("--learner.total_steps", "12", "--data.train", str(data),
+                                "--actors.reward", f"{reward}:reward", "--learner.checkpoint_every", "0")
+    summary = launcher.run()
+    assert summary["steps"] == 12
+    skipped, faults = summary["skipped"], summary["reward_faults"]
+    assert skipped["bad_row_JSONDecodeError"] == 1 and skipped["bad_row_KeyError"] == 1
+    assert skipped["bad_row_AttributeError"] == 1  # a JSON list, not an object
+    assert skipped["prompt_too_long"] >= 1
+    assert faults["reward_error:ZeroDivisionError"] > 0 and faults["reward_nonfinite"] > 0
+    last = _metrics(launcher.run_dir)[-1]
+    assert last["skipped/prompt_too_long"] == skipped["prompt_too_long"]
+    assert last["reward_faults/reward_nonfinite"] > 0
+    _assert_nothing_lost(summary["ledger"])
+
+
+def test_a_stuck_actor_times_out_naming_it(launcher_factory, tmp_path):
+    """A generation that never returns (a reward that blocks forever) is cut off at ray.rpc_timeout_s: the actor is
+    killed and replaced; when it keeps happening the run stops with an error naming the actor, never a hang."""
+    from launch.fleet import ActorFailedError
+
+    hang = tmp_path / "hang.py"
+    hang.write_text("import time\n\ndef reward(text, answer):\n    time.sleep(10**6)\n")
+    launcher = launcher_factory("--learner.total_steps", "3", "--actors.max_failures", "2", "--ray.rpc_timeout_s", "8",
+                                "--actors.reward", f"{hang}:reward", "--learner.checkpoint_every", "0")
+    t0 = time.monotonic()
+    with pytest.raises(ActorFailedError, match=r"gen-0 failed 2 times.*unanswered after ray.rpc_timeout_s=8"):
+        launcher.run()
+    assert time.monotonic() - t0 < 8 * 2 + 120  # two timeouts plus one engine start, not forever
