@@ -20,9 +20,12 @@ class RolloutActor:
     thread of this actor) while `generate` runs."""
 
     def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int,
-                 buffer, transport: WeightTransport, fetch_timeout_s: float, version: int = 0):
-        gen_cls = InflightGenerator if cfg.weight_update_mode == "in_flight" else Generator
-        self.gen = gen_cls(cfg, model_path, generator_id, max_model_len, version)
+                 buffer, transport: WeightTransport | None, fetch_timeout_s: float, version: int = 0,
+                 weight_transfer_backend: str | None = None):
+        if cfg.weight_update_mode == "in_flight":
+            self.gen = InflightGenerator(cfg, model_path, generator_id, max_model_len, version)
+        else:  # a push transport (nccl, relay_cpu) needs vLLM's weight-transfer engine configured at build time
+            self.gen = Generator(cfg, model_path, generator_id, max_model_len, version, weight_transfer_backend)
         self.buffer, self.transport, self.fetch_timeout_s = buffer, transport, fetch_timeout_s
         self._sync_lock = threading.Lock()  # in_flight: generate's sync and offer_weights run on two threads
         self._offered: WeightHandle | None = None  # between_batches: the newest offer, applied at the next request
@@ -76,6 +79,14 @@ class RolloutActor:
         """Stop an in_flight engine's process before the actor is killed (it would leave /dev/shm segments)."""
         if isinstance(self.gen, InflightGenerator):
             self.gen.close()
+
+    # Push transports: the learner's rank 0 drives these through vLLM's weight-transfer engine API. A single-threaded
+    # actor runs one atomic update between two requests, never inside one.
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.gen.init_weight_transfer_engine(init_info)
+
+    def apply_weight_update(self, update_info: dict | list[dict], weight_version: str) -> None:
+        self.gen.apply_weight_update(update_info, weight_version)
 
     def pid(self) -> int:
         """The worker process id (operators and fault-injection tests kill it from outside)."""

@@ -61,8 +61,9 @@ class DataConfig(BaseModel):
 class WeightSyncConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    transport: Literal["object_store", "disk", "nccl"] = "object_store"
-    """How weights travel learner -> generators; nccl (GPU clusters) pushes through vLLM's weight-transfer engine."""
+    transport: Literal["object_store", "disk", "nccl", "relay_cpu"] = "object_store"
+    """How weights travel learner -> generators: pulled (object_store, disk) or pushed through vLLM's weight-transfer
+    engine: nccl on GPU clusters, relay_cpu (the same calls, buckets through /dev/shm) on one CPU host."""
     timeout_s: float = Field(120.0, gt=0)
     """A fetch, or any call of a weight push, that takes longer fails naming the version and the generator."""
     bucket_mb: float = Field(256.0, gt=0)

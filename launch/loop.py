@@ -33,7 +33,7 @@ from launch.data import PromptStream, load_prompts
 from launch.fleet import RolloutFleet
 from launch.metrics import MetricsLog, read_history
 from learner.actor import make_learner_ranks
-from transport.weights import WeightHandle, make_transport
+from transport.weights import PUSH_TRANSPORTS, WeightHandle, make_transport
 
 CONTROL = "control.json"  # {"rollout_actors": N}: the live fleet size, written by launch.scale
 
@@ -74,7 +74,9 @@ class Launcher:
         self.skipped: Counter[str] = Counter(prompt_set.skipped)
         self.stream = PromptStream(prompt_set.prompts, cfg.data.seed)
         self.eval_prompts = load_prompts(cfg.data.eval, cfg.data.max_operand).prompts if cfg.data.eval else []
-        self.transport = make_transport(cfg.weights.transport, str(run_dir))
+        # a push transport's trainer side lives on learner rank 0 (NCCL needs its GPU); it is connected in run()
+        self.push = cfg.weights.transport in PUSH_TRANSPORTS
+        self.transport = None if self.push else make_transport(cfg.weights.transport, str(run_dir))
         self.buffer = make_buffer_actor(cfg.buffer, cfg.learner.groups_per_step, str(run_dir))
         self.ranks = make_learner_ranks(cfg.learner, model_path=model_path, group_size=cfg.actors.n,
                                         temperature=cfg.actors.temperature, transport=self.transport)
@@ -100,7 +102,8 @@ class Launcher:
         return make_rollout_actor(self.cfg.actors, generator_id, model_path=self.serving_path,
                                   max_model_len=self.cfg.model.max_model_len, buffer=self.buffer,
                                   transport=self.transport, fetch_timeout_s=self.cfg.weights.timeout_s,
-                                  version=self.policy_version)
+                                  version=self.policy_version,
+                                  weight_transfer_backend=self.cfg.weights.transport if self.push else None)
 
     # ---- dispatch -----------------------------------------------------------------------------
     def _admit_new_requests(self, n_idle: int) -> None:
@@ -150,6 +153,10 @@ class Launcher:
 
     def _on_generation_failed(self, req: Request, error: BaseException) -> None:
         """Replace the actor, then re-issue its request unless the buffer already recorded it."""
+        if self.push:  # the generators joined the transfer group at start; a replacement could not receive pushes
+            raise RuntimeError(f"rollout actor {self.fleet.slots[req.actor].generator_id} failed ({error}); with "
+                               f"weights.transport={self.cfg.weights.transport} the fleet is fixed at start, so it "
+                               "cannot be replaced: use object_store or disk for restartable generators") from error
         self.fleet.on_failure(req.actor, error)  # raises after actors.max_failures in a row
         if not ray.get(self.buffer.has_request.remote(req.id), timeout=self.cfg.ray.rpc_timeout_s):
             self.pending.appendleft(req)
@@ -232,7 +239,10 @@ class Launcher:
             n = int(control.get("rollout_actors", self.fleet_target))
         except (ValueError, TypeError, AttributeError):
             return  # a malformed file: launch.scale writes atomically, so this is someone else's
-        if n >= 1 and n != self.fleet_target:
+        if n >= 1 and n != self.fleet_target and self.push:
+            self.fleet.events.append({"event": "scale_refused", "actor": f"{n} requested",
+                                      "error": f"weights.transport={self.cfg.weights.transport} keeps the fleet fixed"})
+        elif n >= 1 and n != self.fleet_target:
             self.fleet_target = n
             self.fleet.scale_to(n)
         if control.get("stop"):
@@ -293,6 +303,8 @@ class Launcher:
         except ray.exceptions.GetTimeoutError as exc:
             raise TimeoutError(f"the {len(self.ranks)} learner rank(s) did not start within ray.startup_timeout_s="
                                f"{cfg.ray.startup_timeout_s}s (not enough CPUs/GPUs free for learner.num_cpus/num_gpus?)") from exc
+        if self.push:
+            self._connect_push_transport()
         start_step = self.version
         log = MetricsLog(self.run_dir, cfg.learner.total_steps, cfg.tensorboard, cfg.progress, start_step=start_step)
         if start_step:
@@ -350,6 +362,22 @@ class Launcher:
             self._checkpoint(log)
         log.event({"step": self.version, "event": "stopped"})
         return records
+
+    def _connect_push_transport(self) -> None:
+        """Every generator must be up to join the transfer group (an NCCL rendezvous is all or nothing)."""
+        deadline = time.monotonic() + self.cfg.ray.startup_timeout_s
+        while starting := self.fleet.starting_refs():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(starting)} rollout actor(s) did not start within ray.startup_timeout_s")
+            ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=1.0)
+            for ref in ready:
+                self.fleet.on_ready(starting[ref])
+        W = self.cfg.weights
+        peers = {s.generator_id: s.actor for s in self.fleet.slots.values()}
+        ray.get(self.ranks[0].connect_generators.remote(W.transport, W.bucket_mb, W.timeout_s, peers),
+                timeout=self.cfg.ray.startup_timeout_s)
+        for rank in self.ranks[1:]:  # the others only need to know they publish nothing
+            ray.get(rank.connect_generators.remote(W.transport, W.bucket_mb, W.timeout_s, peers))
 
     def _after_step(self, log: MetricsLog) -> None:
         k = self.cfg.learner.checkpoint_every

@@ -34,6 +34,22 @@ class LearnerRank:
     def save_pretrained(self, out_dir: str):
         return self.learner.save_pretrained(out_dir)
 
+    def connect_generators(self, transport: str, bucket_mb: float, timeout_s: float, generators: dict) -> None:
+        """Push transports: rank 0 builds the trainer side here (NCCL needs this process's GPU, the driver may have
+        none) and joins `generators` ({generator_id: rollout actor}); other ranks publish nothing."""
+        if self.learner.rank != 0:
+            return
+        import socket
+
+        from transport.engine import TimedClient
+        from transport.weights import make_transport
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        self.transport = make_transport(transport, "", bucket_mb, timeout_s, ray.util.get_node_ip_address(), port)
+        self.transport.connect(TimedClient(generators, timeout_s))
+
     def save_checkpoint(self, directory: str) -> None:
         self.learner.save_checkpoint(directory)
 

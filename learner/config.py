@@ -53,3 +53,7 @@ class LearnerConfig(BaseModel):
     """Save a resumable checkpoint (learner, weights, buffer, data position) every k steps; 0 = never."""
     checkpoint_keep: int = Field(2, ge=1)
     """Resumable checkpoints kept; older ones are deleted after a newer one is complete."""
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD"] = "PACK"
+    """Ray placement group strategy for the ranks (one bundle each); STRICT_PACK keeps them on one node."""
+    placement_timeout_s: float = Field(300.0, gt=0)
+    """Longest wait for Ray to reserve every rank's bundle before the run fails naming the bundles."""

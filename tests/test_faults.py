@@ -262,3 +262,21 @@ def test_a_stuck_actor_times_out_naming_it(launcher_factory, tmp_path):
     with pytest.raises(ActorFailedError, match=r"gen-0 failed 2 times.*unanswered after ray.rpc_timeout_s=8"):
         launcher.run()
     assert time.monotonic() - t0 < 8 * 2 + 120  # two timeouts plus one engine start, not forever
+
+
+def test_push_transport_end_to_end_on_cpu(launcher_factory):
+    """weights.transport relay_cpu: learner rank 0 pushes every version through vLLM's weight-transfer engine API
+    (init once; start/update/finish per version, buckets through shared memory) into both generators between their
+    requests; they serve each version whole. NCCL is the same wiring with another engine."""
+    from launch.scale import request
+
+    launcher = launcher_factory("--learner.total_steps", "6", "--actors.num_actors", "2", "--weights.transport",
+                                "relay_cpu", "--weights.bucket_mb", "0.05", "--learner.checkpoint_every", "0",
+                                "--buffer.max_staleness", "1")
+    summary = launcher.run()
+    rows = _metrics(launcher.run_dir)
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 5]
+    assert max(r["staleness_max"] for r in rows) <= 1 and max(r["behaviour_version_max"] for r in rows) >= 3
+    _assert_nothing_lost(summary["ledger"])
+    with pytest.raises(ValueError, match="fleet is fixed"):
+        request(launcher.run_dir, 3)

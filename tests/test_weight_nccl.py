@@ -153,4 +153,4 @@ def test_weight_sync_config_accepts_nccl_and_checks_bucket_size():
     with pytest.raises(ConfigError, match="'weights.bucket_mb'"):
         load_config(None, {"weights.bucket_mb": 0})
     with pytest.raises(ConfigError, match="'weights.transport'"):
-        load_config(None, {"weights.transport": "relay_cpu"})  # a test path, not a run option
+        load_config(None, {"weights.transport": "gloo"})

@@ -143,4 +143,11 @@ def make_transport(name: str, run_dir: str, bucket_mb: float = 256.0, timeout_s:
         from transport.nccl import NcclTransport  # raises on a machine without CUDA
 
         return NcclTransport(bucket_mb, timeout_s, master_address, master_port)
-    raise ValueError(f"weights.transport {name!r}: available: object_store, disk, nccl")
+    if name == "relay_cpu":
+        from transport.engine import SharedMemoryTransport
+
+        return SharedMemoryTransport(bucket_mb)
+    raise ValueError(f"weights.transport {name!r}: available: object_store, disk, nccl, relay_cpu")
+
+
+PUSH_TRANSPORTS = ("nccl", "relay_cpu")  # built and connected on learner rank 0, not in the driver
