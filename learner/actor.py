@@ -63,18 +63,54 @@ class LearnerRank:
         return ray.util.get_node_ip_address()
 
 
+def learner_bundles(cfg: LearnerConfig) -> list[dict]:
+    """One Ray bundle per rank: what that rank's actor reserves."""
+    bundle = {"CPU": cfg.num_cpus} | ({"GPU": cfg.num_gpus} if cfg.num_gpus > 0 else {})
+    return [dict(bundle) for _ in range(cfg.num_ranks)]
+
+
+def _schedulable(resources: dict) -> dict:
+    """CPU, GPU and custom resources; Ray's per-node markers and memory byte counts would drown them."""
+    return {k: round(v, 2) for k, v in sorted(resources.items())
+            if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+
+
+def place_learner_group(cfg: LearnerConfig):
+    """Reserve every rank's bundle at once, before any rank starts: a half-placed learner would hang in the
+    rendezvous. Returns (placement group, rank 0's node IP for MASTER_ADDR)."""
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    bundles = learner_bundles(cfg)
+    pg = placement_group(bundles, strategy=cfg.placement_strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
+    if not ready:
+        remove_placement_group(pg)  # a pending group would grab the resources later and starve the rest of the run
+        raise RuntimeError(
+            f"learner placement group ({cfg.num_ranks} bundle(s) {bundles[0]}, strategy {cfg.placement_strategy}) could not "
+            f"be placed within learner.placement_timeout_s={cfg.placement_timeout_s}s; the cluster has "
+            f"{_schedulable(ray.available_resources())} available of {_schedulable(ray.cluster_resources())} in total "
+            f"(lower learner.num_ranks/num_cpus/num_gpus, or add nodes)")
+    node_id = placement_group_table(pg).get("bundles_to_node_id", {}).get(0)
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    return pg, ips.get(node_id) or ray.util.get_node_ip_address()  # the driver's IP if Ray does not say
+
+
 def make_learner_ranks(cfg: LearnerConfig, **kwargs) -> list:
-    """One actor per rank; rank 0's node is the rendezvous point for the process group."""
+    """One actor per rank, rank r in bundle r of the learner's placement group; rank 0's node is the rendezvous
+    point for the process group. Rollout actors stay outside the group: they scale on their own."""
     import socket
 
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg, addr = place_learner_group(cfg)
     cls = ray.remote(LearnerRank).options
     env = {"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(int(cfg.num_cpus), 1))}}}
     with socket.socket() as s:  # a free port on the driver's node; on clusters rank 0 re-checks its own
         s.bind(("", 0))
         port = s.getsockname()[1]
-    addr = ray.util.get_node_ip_address()
     return [
-        cls(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0, **env).remote(
+        cls(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0, **env,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)).remote(
             cfg, rank=r, world_size=cfg.num_ranks, master_addr=addr, master_port=port, **kwargs)
         for r in range(cfg.num_ranks)
     ]
