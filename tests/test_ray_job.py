@@ -33,9 +33,14 @@ def test_ray_job_submit_runs_the_training_entry_point(tmp_path, tiny_model_dir):
         env["RAY_ADDRESS"] = "http://127.0.0.1:8275"
         runtime_env = json.dumps({"excludes": [".venv/", "runs/", ".git/", "**/__pycache__/"]})
         out_dir = tmp_path / "out"
-        submit = _ray("job", "submit", "--working-dir", ".", "--runtime-env-json", runtime_env, "--",
-                      "python", "-m", "launch.train", "--config", "configs/smoke.yaml", "--model.path", tiny_model_dir,
-                      "--output_dir", str(out_dir), "--run-dir", str(out_dir / "job-run"), env=env, timeout=600)
+        for _ in range(30):  # the head's dashboard agent registers a few seconds after `ray start` returns
+            submit = _ray("job", "submit", "--working-dir", ".", "--runtime-env-json", runtime_env, "--",
+                          "python", "-m", "launch.train", "--config", "configs/smoke.yaml", "--model.path",
+                          tiny_model_dir, "--output_dir", str(out_dir), "--run-dir", str(out_dir / "job-run"),
+                          env=env, timeout=600)
+            if "No available agent to submit job" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "relay: done" in submit.stdout, submit.stdout[-3000:]
         assert "succeeded" in submit.stdout.lower()
