@@ -98,3 +98,19 @@ def test_resume_of_a_run_without_checkpoints_fails_before_any_actor_starts(tmp_p
     assert "has no checkpoint" in capsys.readouterr().err
     assert main(["--resume", str(tmp_path / "nope")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_local_dashboard_is_off_by_default_and_binds_loopback_when_on():
+    import ray
+
+    from launch.config import load_config
+    from launch.train import init_ray
+
+    assert load_config(None, {}).ray.include_dashboard is False
+    cfg = load_config(None, {"ray.include_dashboard": True, "ray.num_cpus": 1})
+    assert init_ray(cfg)
+    try:
+        url = ray._private.worker.global_worker.node.address_info["webui_url"]
+        assert url.split(":")[0] == "127.0.0.1", url
+    finally:
+        ray.shutdown()
