@@ -7,6 +7,7 @@ is a `ConfigError` whose message names the key.
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,6 +108,8 @@ class RunConfig(BaseModel):
     """Write TensorBoard event files into the run directory."""
     progress: bool = True
     """Show a progress bar."""
+    wandb: bool = False
+    """Also log every metric to Weights & Biases, offline, under the run directory (needs the `wandb` extra)."""
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -174,6 +177,9 @@ def _looks_local(path: str) -> bool:
 def validate(cfg: RunConfig) -> None:
     """Rules that span components: each one would otherwise deadlock or fail late."""
     L, A, B = cfg.learner, cfg.actors, cfg.buffer
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("config key 'wandb': true, but the wandb package is not installed "
+                          "(pip install 'relay-rl[wandb]', or set wandb false)")
     if cfg.model.path is not None and _looks_local(cfg.model.path) and not Path(cfg.model.path).expanduser().exists():
         raise ConfigError(f"config key 'model.path': {cfg.model.path} does not exist")
     for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):

@@ -1,4 +1,5 @@
-"""What a user sees of a run: metrics.jsonl, TensorBoard event files, a progress bar, a summary line."""
+"""What a user sees of a run: metrics.jsonl, TensorBoard event files, optional W&B (offline), a progress bar,
+a summary line."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,21 @@ def _clean(v):
     return v
 
 
+def _scalars(record: dict, prefix: str) -> dict:
+    """Numeric values only (W&B would chart a None as a string column), namespaced like TensorBoard's tags."""
+    return {(k if "/" in k else prefix + k): v for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _wandb_run(run_dir: Path, config: dict):
+    """An offline W&B run: nothing leaves the machine; `wandb sync <run_dir>/wandb/offline-run-*` uploads it later.
+    A resumed run starts a second offline run in the same folder (offline runs cannot be resumed)."""
+    import wandb
+
+    return wandb.init(mode="offline", dir=str(run_dir), project=config.get("name", "relay"), name=run_dir.name,
+                      config=config, settings=wandb.Settings(console="off"))  # Ray's forwarded actor logs: not twice
+
+
 def read_history(run_dir: Path, up_to_step: int) -> list[dict]:
     """Training records of steps <= up_to_step (a resumed run continues the first run's history)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -27,9 +43,11 @@ def read_history(run_dir: Path, up_to_step: int) -> list[dict]:
 
 class MetricsLog:
     """metrics.jsonl (one line per learner step, plus eval lines), events.jsonl (fleet, checkpoints), TensorBoard,
-    a progress bar. With start_step > 0 (a resume) lines past the checkpoint are dropped, not duplicated."""
+    a progress bar; with `wandb` (the run's config as a dict) also a W&B run in offline mode under run_dir/wandb.
+    With start_step > 0 (a resume) lines past the checkpoint are dropped, not duplicated."""
 
-    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, progress: bool, start_step: int = 0):
+    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, progress: bool, start_step: int = 0,
+                 wandb: dict | None = None):
         path = run_dir / "metrics.jsonl"
         if start_step and path.exists():  # the dead process may have logged steps after its last checkpoint
             keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
@@ -41,6 +59,7 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.wandb = _wandb_run(run_dir, wandb) if wandb is not None else None
         self.bar = None
         if progress:
             from tqdm import tqdm
@@ -55,6 +74,8 @@ class MetricsLog:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and v is not None and k != "step":
                     self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log(_scalars(record, "train/"), step=step)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", sps=f"{record['samples_per_s'] or 0:.0f}",
@@ -67,6 +88,8 @@ class MetricsLog:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:  # same step as that step's training line: W&B merges them into one history row
+            self.wandb.log(_scalars(metrics, "eval/"), step=step)
 
     def event(self, record: dict) -> None:
         """Something that happened to the run (an actor died, restarted, was added; a checkpoint was written)."""
@@ -79,5 +102,7 @@ class MetricsLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.bar is not None:
             self.bar.close()
