@@ -130,7 +130,7 @@ class Generator:
 
     def generate(self, prompts: list[Prompt]) -> GenerationResult:
         self._check_whole()
-        t0 = time.time()
+        t0, loading0 = time.time(), self._loading_s()
         skipped: Counter[str] = Counter()
         kept, token_prompts = [], []
         for p in prompts:
@@ -139,8 +139,8 @@ class Generator:
                 skipped["prompt_too_long" if ids else "prompt_empty"] += 1
                 continue
             kept.append(p)
-            token_prompts.append({"prompt_token_ids": ids})
-        outputs = self.llm.generate(token_prompts, self.sampling_params(), use_tqdm=False) if kept else []
+            token_prompts.append(ids)
+        outputs = self._sample_batch(token_prompts) if kept else []
         rows: list[Rollout] = []
         for p, out in zip(kept, outputs):
             group, reason = self._group(p, out, t0)
@@ -148,10 +148,19 @@ class Generator:
                 skipped[reason] += 1
             else:
                 rows.extend(group)
-        t1 = time.time()
         batch = rollouts_to_arrow(rows) if rows else None
         tokens = sum(len(r.behaviour_logprobs) for r in rows)
-        return GenerationResult(batch, len(rows) // self.cfg.n, tokens, self.version, t1 - t0, 0.0, dict(skipped))
+        return GenerationResult(batch, len(rows) // self.cfg.n, tokens, self.version, time.time() - t0,
+                                self._loading_s() - loading0, dict(skipped))
+
+    def _sample_batch(self, token_prompts: list[list[int]]) -> list:
+        """One vLLM output per prompt, n completions each."""
+        prompts = [{"prompt_token_ids": ids} for ids in token_prompts]
+        return self.llm.generate(prompts, self.sampling_params(), use_tqdm=False)
+
+    def _loading_s(self) -> float:
+        """Seconds this engine has spent loading weights while requests ran (never, here: between requests only)."""
+        return 0.0
 
     def _group(self, prompt: Prompt, out, t_start: float) -> tuple[list[Rollout], str]:
         """One prompt's n samples as Rollouts; a group with unusable samples is dropped whole (with a reason)

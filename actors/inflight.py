@@ -30,13 +30,12 @@ import threading
 import time
 import uuid
 import zlib
-from collections import Counter
 from dataclasses import dataclass, field
 
 from actors.config import ActorConfig
-from actors.generator import GenerationResult, Generator, Prompt
+from actors.generator import Generator, Prompt
 from actors.rewards import resolve_reward
-from buffer.schema import Rollout, rollouts_to_arrow
+from buffer.schema import Rollout
 
 WORKER_EXTENSION = "actors.inflight.RelayWorkerExtension"
 
@@ -235,29 +234,12 @@ class InflightGenerator(Generator):
         params.output_kind = RequestOutputKind.DELTA  # progress is visible while a request runs
         return params
 
-    def generate(self, prompts: list[Prompt]) -> GenerationResult:
-        t0, paused0 = time.time(), self._paused_s
-        skipped: Counter[str] = Counter()
-        kept, token_prompts = [], []
-        for p in prompts:
-            ids = self.tokenizer(p.text, add_special_tokens=False)["input_ids"]
-            if len(ids) + self.cfg.max_tokens > self.max_model_len or not ids:
-                skipped["prompt_too_long" if ids else "prompt_empty"] += 1
-                continue
-            kept.append(p)
-            token_prompts.append(ids)
-        outputs = self._run(self._sample_all(token_prompts, self.sampling_params())) if kept else []
-        rows: list[Rollout] = []
-        for p, out in zip(kept, outputs):
-            group, reason = self._group(p, out, t0)
-            if reason:
-                skipped[reason] += 1
-            else:
-                rows.extend(group)
-        batch = rollouts_to_arrow(rows) if rows else None
-        tokens = sum(len(r.behaviour_logprobs) for r in rows)
-        return GenerationResult(batch, len(rows) // self.cfg.n, tokens, self.version, time.time() - t0,
-                                self._paused_s - paused0, dict(skipped))
+    # generate() is Generator's; only how a batch is sampled and what counts as load time differ
+    def _sample_batch(self, token_prompts: list[list[int]]) -> list[_Output]:
+        return self._run(self._sample_all(token_prompts, self.sampling_params()))
+
+    def _loading_s(self) -> float:
+        return self._paused_s  # generation stood paused for in-flight swaps
 
     def _group(self, prompt: Prompt, out: _Output, t_start: float) -> tuple[list[Rollout], str]:
         """`Generator._group`, then each row's per-token versions; policy_version becomes the oldest."""
