@@ -149,10 +149,12 @@ class Learner:
         return out
 
     # ---- weights --------------------------------------------------------------------------------
-    def full_state(self) -> dict[str, torch.Tensor] | None:
-        """Full parameters (and persistent buffers) as CPU copies on rank 0; None elsewhere. Every rank must
+    def full_state(self, copy: bool = True) -> dict[str, torch.Tensor] | None:
+        """Full parameters (and persistent buffers) on CPU on rank 0; None elsewhere. Every rank must
         call: under ZeRO-3 the gather is a collective. Tied weights appear under every name that refers to
-        them (`lm_head.weight` and `model.embed_tokens.weight`), because vLLM repacks its head separately."""
+        them (`lm_head.weight` and `model.embed_tokens.weight`), because vLLM repacks its head separately.
+        copy=False returns views of the live CPU parameters under ZeRO 0-2 (ZeRO-3's gathered storage is
+        always copied): only for a consumer that is done with them before the next optimizer step."""
         import deepspeed
 
         module = self.engine.module
@@ -161,18 +163,21 @@ class Learner:
             if self.rank != 0:
                 return None
             # copies: gathered ZeRO-3 storage is freed on exit, and ZeRO 0-2 storage changes at the next step
-            state = {name: p.detach().to("cpu", copy=True)
+            copy = copy or zero3
+            state = {name: p.detach().to("cpu", copy=copy)
                      for name, p in module.named_parameters(remove_duplicate=False)}
         for name, buf in module.named_buffers(remove_duplicate=False):
             owner, _, leaf = name.rpartition(".")
             if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
-                state[name] = buf.detach().to("cpu", copy=True)
+                state[name] = buf.detach().to("cpu", copy=copy)
         return state
 
     def publish(self, transport):
         """Hand the current weights to `transport` as version `self.step`; returns the handle on rank 0."""
         t0 = time.perf_counter()
-        state = self.full_state()
+        # Every transport has consumed the tensors when publish returns (copied into the object store, written,
+        # or broadcast), before the next optimizer step changes them: no snapshot copy is needed under ZeRO 0-2.
+        state = self.full_state(copy=False)
         if state is None:
             return None, 0.0
         handle = transport.publish(self.step, state)
