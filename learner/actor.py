@@ -95,19 +95,35 @@ def place_learner_group(cfg: LearnerConfig):
     return pg, ips.get(node_id) or ray.util.get_node_ip_address()  # the driver's IP if Ray does not say
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def rendezvous_port(pg, master_addr: str, timeout_s: float) -> int:
+    """A free port on rank 0's node: picked here when that node is the driver's, else by a CPU-less task that
+    Ray runs in bundle 0 (a port free on the driver says nothing about another machine)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if master_addr == ray.util.get_node_ip_address():
+        return _free_port()
+    probe = ray.remote(num_cpus=0)(_free_port).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0))
+    return ray.get(probe.remote(), timeout=timeout_s)
+
+
 def make_learner_ranks(cfg: LearnerConfig, **kwargs) -> list:
     """One actor per rank, rank r in bundle r of the learner's placement group; rank 0's node is the rendezvous
     point for the process group. Rollout actors stay outside the group: they scale on their own."""
-    import socket
-
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     pg, addr = place_learner_group(cfg)
+    port = rendezvous_port(pg, addr, cfg.placement_timeout_s)
     cls = ray.remote(LearnerRank).options
     env = {"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(int(cfg.num_cpus), 1))}}}
-    with socket.socket() as s:  # a free port on the driver's node; on clusters rank 0 re-checks its own
-        s.bind(("", 0))
-        port = s.getsockname()[1]
     return [
         cls(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0, **env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)).remote(

@@ -1,6 +1,7 @@
 """Learner ranks in a Ray placement group: placed together before any rank starts, or a clear error naming the bundles."""
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -28,7 +29,7 @@ def _wait_cpus(ray, expected: float, timeout_s: float = 10.0) -> float:
 def test_two_ranks_are_placed_and_reserve_their_bundles(ray2):
     from ray.util.placement_group import placement_group_table, remove_placement_group
 
-    from learner.actor import place_learner_group
+    from learner.actor import place_learner_group, rendezvous_port
 
     cfg = LearnerConfig(num_ranks=2, num_cpus=0.5, placement_strategy="STRICT_PACK", placement_timeout_s=20)
     pg, addr = place_learner_group(cfg)
@@ -39,6 +40,11 @@ def test_two_ranks_are_placed_and_reserve_their_bundles(ray2):
     node = {n["NodeID"]: n["NodeManagerAddress"] for n in ray2.nodes()}[table["bundles_to_node_id"][0]]
     assert addr == node
     assert _wait_cpus(ray2, 1.0) == 1.0  # the group holds its CPUs whether or not ranks run yet
+    # rank 0 on another node than the driver: the port is probed there, by a CPU-less task in bundle 0
+    port = rendezvous_port(pg, "198.51.100.7", timeout_s=60)
+    with socket.socket() as s:
+        s.bind(("", port))  # free on the bundle's node (this one)
+    assert ray2.available_resources().get("CPU") == 1.0  # the probe took nothing from the ranks' bundles
     remove_placement_group(pg)
     assert _wait_cpus(ray2, 2.0) == 2.0
 
