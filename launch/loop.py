@@ -306,7 +306,8 @@ class Launcher:
         if self.push:
             self._connect_push_transport()
         start_step = self.version
-        log = MetricsLog(self.run_dir, cfg.learner.total_steps, cfg.tensorboard, cfg.progress, start_step=start_step)
+        log = MetricsLog(self.run_dir, cfg.learner.total_steps, cfg.tensorboard, cfg.progress, start_step=start_step,
+                         wandb=cfg.model_dump(mode="json") if cfg.wandb else None)
         if start_step:
             log.event({"step": start_step, "event": "resumed", "path": self.resumed_from})
         self.learning: list = []
