@@ -36,8 +36,7 @@ class PublishingRank(LearnerRank):
 
     def timed_publish(self):
         self.learner.step += 1
-        handle, publish_s = self.learner.publish(self.transport)
-        return handle, publish_s
+        return self._publish()  # what train_step does: (handle, seconds the learner was blocked)
 
 
 def memcpy_bytes_per_s(nbytes: int, repeats: int) -> list[float]:
@@ -66,7 +65,7 @@ def run(quick: bool) -> list[dict]:
     transport = make_transport("object_store", "")
     lcfg = LearnerConfig(track_ref_kl=False, groups_per_step=1, micro_batch_groups=1)
     rank = ray.remote(PublishingRank).options(
-        num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        num_cpus=1, max_concurrency=2,  # as make_learner_ranks: the store copy runs on a second thread runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
     ).remote(lcfg, model_path, 8, 1.0, 0, 1, "127.0.0.1", free_port(), transport)
     [actor] = start_actors(ActorConfig(), model_path, 1, buffer=None)
     try:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import time
 
 import ray
+import torch
 
 from learner.config import LearnerConfig
 from learner.learner import Learner
@@ -16,20 +18,54 @@ class LearnerRank:
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         self.learner = Learner(cfg, model_path, group_size, temperature, rank, world_size)
         self.transport = transport
+        self._snapshot: dict[str, torch.Tensor] = {}  # object-store publishing: weights awaiting the store
+        self._snapshot_ref = None  # the ObjectRef that copies _snapshot into the store
+
+    def _publish(self):
+        """Publish the current weights; returns (handle on rank 0, seconds the learner was blocked).
+
+        With the object store, the learner is blocked only for a copy into reused buffers (memcpy speed):
+        the copy into the store runs as this actor's own `materialize` call on another thread, and the
+        returned handle already holds that call's ObjectRef, which a generator's get waits on."""
+        from transport.weights import ObjectStoreTransport, WeightHandle
+
+        if not isinstance(self.transport, ObjectStoreTransport):
+            return self.learner.publish(self.transport)
+        t0 = time.perf_counter()
+        state = self.learner.full_state(copy=False)
+        if state is None:
+            return None, 0.0
+        if self._snapshot_ref is not None:  # the buffers are ours again once the previous version is in the store
+            ray.wait([self._snapshot_ref], timeout=None)
+        if self._snapshot.keys() != state.keys():
+            self._snapshot = {k: torch.empty_like(v, device="cpu") for k, v in state.items()}
+        for k, v in state.items():
+            self._snapshot[k].copy_(v)
+        self._snapshot_ref = ray.get_runtime_context().current_actor.materialize.remote()
+        dtypes = {k: "bfloat16" for k, v in state.items() if v.dtype == torch.bfloat16}  # as to_numpy ships them
+        nbytes = sum(v.nbytes for v in state.values())
+        handle = WeightHandle(self.learner.step, self.transport.name, self._snapshot_ref, nbytes, dtypes, time.time())
+        return handle, time.perf_counter() - t0
+
+    def materialize(self):
+        """Runs on a second actor thread: Ray copies the returned arrays into the object store."""
+        from transport.weights import to_numpy
+
+        return to_numpy(self._snapshot)[0]
 
     def train_step(self, batch, publish: bool):
         """Train on `batch` (resolved by Ray from the buffer's sample); publish afterwards if asked."""
         if batch is None:
             return None
         metrics = self.learner.train_step(batch)
-        handle, publish_s = self.learner.publish(self.transport) if publish else (None, 0.0)
+        handle, publish_s = self._publish() if publish else (None, 0.0)
         metrics["weight_sync_s"] = publish_s
         # Every rank receives the whole batch; rank 0 reports its groups for the run's exactly-once ledger.
         group_ids = batch.column("group_id").unique().to_pylist() if self.learner.rank == 0 else []
         return {"metrics": metrics, "handle": handle, "step": self.learner.step, "group_ids": group_ids}
 
     def publish(self):
-        return self.learner.publish(self.transport)[0]
+        return self._publish()[0]
 
     def save_pretrained(self, out_dir: str):
         return self.learner.save_pretrained(out_dir)
@@ -125,7 +161,8 @@ def make_learner_ranks(cfg: LearnerConfig, **kwargs) -> list:
     cls = ray.remote(LearnerRank).options
     env = {"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(int(cfg.num_cpus), 1))}}}
     return [
-        cls(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0, **env,
+        # max_concurrency 2: `materialize` (object-store publishing) runs while the next step trains
+        cls(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0, max_concurrency=2, **env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)).remote(
             cfg, rank=r, world_size=cfg.num_ranks, master_addr=addr, master_port=port, **kwargs)
         for r in range(cfg.num_ranks)

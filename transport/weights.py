@@ -50,7 +50,7 @@ class WeightTransport(ABC):
         """Yield (name, tensor) of the published version; raise TimeoutError naming the version if it cannot."""
 
 
-def _to_numpy(state: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def to_numpy(state: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     arrays, dtypes = {}, {}
     for name, t in state.items():
         t = t.detach().cpu().contiguous()
@@ -77,7 +77,7 @@ class ObjectStoreTransport(WeightTransport):
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> WeightHandle:
         import ray
 
-        arrays, dtypes = _to_numpy(state)
+        arrays, dtypes = to_numpy(state)
         ref = ray.put(arrays)
         nbytes = sum(a.nbytes for a in arrays.values())
         return WeightHandle(version, self.name, ref, nbytes, dtypes, time.time())
