@@ -5,7 +5,8 @@ in its `LearnerRank` shell) hands its full weights to the object-store
 transport and returns a handle; a rollout actor then fetches and loads that
 version into its vLLM engine. Effective bandwidth = bytes published / (publish
 start -> the generator serves the new version). The learner is blocked only
-for its own `publish` call (gather + put), reported as a fraction of that window.
+for what its `train_step` waits on when publishing (the rank's `_publish`),
+reported as a fraction of that window.
 The reference is a large `torch` tensor `copy_` into an existing buffer, in the
 same run.
 
@@ -65,7 +66,8 @@ def run(quick: bool) -> list[dict]:
     transport = make_transport("object_store", "")
     lcfg = LearnerConfig(track_ref_kl=False, groups_per_step=1, micro_batch_groups=1)
     rank = ray.remote(PublishingRank).options(
-        num_cpus=1, max_concurrency=2,  # as make_learner_ranks: the store copy runs on a second thread runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        num_cpus=1, max_concurrency=2,  # as make_learner_ranks: the store copy runs on a second thread
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
     ).remote(lcfg, model_path, 8, 1.0, 0, 1, "127.0.0.1", free_port(), transport)
     [actor] = start_actors(ActorConfig(), model_path, 1, buffer=None)
     try:
