@@ -22,6 +22,15 @@ from benchmarks.common import default_job_model, ray_start, result, spread
 from benchmarks.rollout import make_requests, relay_tokens_per_s, sink_buffer, start_actors
 
 
+def saturation_note(per_count: dict[int, float], cores: int) -> str:
+    """Where adding actors stops paying: the first count after which one more step gains under 10%."""
+    counts = sorted(per_count)
+    sat = next((a for a, b in zip(counts, counts[1:]) if per_count[b] < 1.1 * per_count[a]), counts[-1])
+    gains = ", ".join(f"{n}: {per_count[n] / per_count[counts[0]]:.2f}x" for n in counts)
+    return (f"tokens/s relative to {counts[0]} actor ({gains}); saturates at {sat} actor(s) on {cores} cores: "
+            f"each engine decodes on one OpenMP thread, so past {cores} actors they only share the same cores")
+
+
 def run(quick: bool) -> dict:
     counts, requests_per_actor, repeats = ((1, 2), 2, 1) if quick else ((1, 2, 4), 4, 3)
     cores = len(os.sched_getaffinity(0))
@@ -40,12 +49,10 @@ def run(quick: bool) -> dict:
             ray.kill(a)
     per_count = {n: statistics.median(s["tokens_per_s"] for s in samples if s["actors"] == n) for n in counts}
     one, most = per_count[counts[0]], per_count[counts[-1]]
-    best = max(per_count, key=per_count.get)
     return result("rollout_scaling", most, one, "tokens/s", None, samples,
                   spread=spread([s["tokens_per_s"] for s in samples if s["actors"] == counts[-1]]),
                   tokens_per_s_by_actors={str(n): v for n, v in per_count.items()},
-                  note=f"{max(counts)} actors give {most / one:.2f}x one actor's tokens/s; the best is {best} actor(s) "
-                       f"on {cores} cores (each actor's engine runs one OpenMP thread; beyond {cores} actors they share cores)",
+                  note=saturation_note(per_count, cores),
                   config={"cores": cores, "num_cpus_per_actor": cfg.num_cpus, "requests_per_actor": requests_per_actor,
                           "prompts_per_request": cfg.prompts_per_request, "n": cfg.n, "max_tokens": cfg.max_tokens})
 

@@ -28,6 +28,14 @@ def test_result_row_ratio_and_target():
     assert spread([1.0, 2.0, 3.0]) == 1.0
 
 
+def test_scaling_note_names_the_saturation_point():
+    from benchmarks.scaling import saturation_note
+
+    note = saturation_note({1: 2500.0, 2: 5100.0, 4: 5140.0}, cores=2)
+    assert "saturates at 2 actor(s)" in note and "2: 2.04x" in note
+    assert "saturates at 4 actor(s)" in saturation_note({1: 1.0, 2: 2.0, 4: 3.9}, cores=4)
+
+
 @pytest.mark.slow
 def test_quick_run_writes_well_formed_json(tmp_path):
     repo = Path(__file__).resolve().parents[1]
