@@ -11,7 +11,6 @@ between the first and the last step, so start-up is outside the window.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import ray
 
-from benchmarks.common import CACHE, ray_restart, ray_start, result, spread
+from benchmarks.common import CACHE, module_main, ray_restart, result, spread
 from launch.config import RunConfig, load_config
 from launch.loop import Launcher
 from launch.model import build_default_model
@@ -112,8 +111,4 @@ def run(quick: bool) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    quick = parser.parse_args().quick
-    ray_start()
-    print(json.dumps(run(quick)))
+    module_main(run, __doc__)

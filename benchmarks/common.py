@@ -181,3 +181,14 @@ def write_results(doc: dict, out_dir: Path) -> Path:
         (out_dir / f"{stem}.json").write_text(text + "\n")
         (out_dir / f"{stem}.md").write_text(md)
     return out_dir / f"{stamp}.json"
+
+
+def module_main(run, doc: str) -> None:
+    """`python -m benchmarks.<one>` [--quick]: one benchmark alone, its results printed as JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    quick = parser.parse_args().quick
+    ray_start()
+    print(json.dumps(run(quick)))

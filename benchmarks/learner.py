@@ -11,8 +11,6 @@ ready-made tensors and the plain REINFORCE loss with group-mean baseline.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import time
@@ -21,7 +19,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from benchmarks.common import build_bench_model, ray_start, result, spread
+from benchmarks.common import build_bench_model, module_main, result, spread
 from benchmarks.weight_sync import free_port
 from buffer.testing import fake_group_fast
 from learner.batch import to_tensors, token_logprobs
@@ -105,8 +103,4 @@ def run(quick: bool) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    quick = parser.parse_args().quick
-    ray_start()
-    print(json.dumps(run(quick)))
+    module_main(run, __doc__)

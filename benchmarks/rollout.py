@@ -11,8 +11,6 @@ Both run the default job's model and sampling settings, alternately.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
@@ -21,7 +19,7 @@ import ray
 from actors.actor import make_rollout_actor
 from actors.config import ActorConfig
 from actors.generator import Generator, Prompt
-from benchmarks.common import VLLM_ENV, default_job_model, ray_start, result, spread
+from benchmarks.common import VLLM_ENV, default_job_model, module_main, result, spread
 from buffer.actor import make_buffer_actor
 from buffer.config import BufferConfig
 from launch.data import load_prompts
@@ -114,8 +112,4 @@ def run(quick: bool) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    quick = parser.parse_args().quick
-    ray_start()
-    print(json.dumps(run(quick)))
+    module_main(run, __doc__)

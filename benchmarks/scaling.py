@@ -10,15 +10,13 @@ past that the engines only share the same cores.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 
 import ray
 
 from actors.config import ActorConfig
-from benchmarks.common import default_job_model, ray_start, result, spread
+from benchmarks.common import default_job_model, module_main, result, spread
 from benchmarks.rollout import make_requests, relay_tokens_per_s, sink_buffer, start_actors
 
 
@@ -58,8 +56,4 @@ def run(quick: bool) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    quick = parser.parse_args().quick
-    ray_start()
-    print(json.dumps(run(quick)))
+    module_main(run, __doc__)

@@ -14,8 +14,6 @@ same run.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import socket
 import statistics
 import time
@@ -24,7 +22,7 @@ import ray
 import torch
 
 from actors.config import ActorConfig
-from benchmarks.common import build_bench_model, ray_start, result, spread
+from benchmarks.common import build_bench_model, module_main, result, spread
 from benchmarks.rollout import start_actors
 from learner.actor import LearnerRank
 from learner.config import LearnerConfig
@@ -103,8 +101,4 @@ def run(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    quick = parser.parse_args().quick
-    ray_start()
-    print(json.dumps(run(quick)))
+    module_main(run, __doc__)
