@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import ray
 
 from benchmarks.common import CACHE, module_main, ray_restart, result, spread
 from launch.config import RunConfig, load_config

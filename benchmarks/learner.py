@@ -22,7 +22,7 @@ import torch
 from benchmarks.common import build_bench_model, module_main, result, spread
 from benchmarks.weight_sync import free_port
 from buffer.testing import fake_group_fast
-from learner.batch import to_tensors, token_logprobs
+from learner.batch import to_tensors
 from learner.config import LearnerConfig
 from learner.learner import Learner
 
