@@ -31,6 +31,7 @@ from launch import checkpoint
 from launch.config import RunConfig
 from launch.data import PromptStream, load_prompts
 from launch.fleet import RolloutFleet
+from launch.ledger import ledger, summarize
 from launch.metrics import MetricsLog, read_history
 from learner.actor import make_learner_ranks
 from transport.weights import PUSH_TRANSPORTS, WeightHandle, make_transport
@@ -398,25 +399,10 @@ class Launcher:
                     self.pending.popleft()
 
     def _ledger(self, buffer_stats: dict) -> dict:
-        """Where every prompt group went. `groups_lost` and `groups_trained_too_often` must be 0."""
-        ledger = ray.get(self.buffer.ledger.remote(), timeout=self.cfg.ray.rpc_timeout_s)
-        requests = ledger["requests"]
-        stored = sum(r["stored"] for r in requests.values())
-        skipped = sum(sum(r["skipped"].values()) for r in requests.values())
         unfinished = sum(len(r.prompts) for r in (*self.pending, *self.inflight.values()))
-        dropped = sum(buffer_stats.get(f"drops_{k}", 0) for k in ("stale_at_put", "stale_at_sample", "evicted_unsampled"))
-        served_or_held = set(self.trained) | set(ledger["held_group_ids"])
-        max_reuse = self.cfg.buffer.max_reuse
-        return {
-            "groups_dispatched": self.groups_dispatched, "requests_dispatched": self.request_seq,
-            "requests_recorded": len(requests), "requests_reissued": self.reissued,
-            "duplicate_puts_refused": int(buffer_stats.get("duplicate_puts", 0)),
-            "groups_stored": stored, "groups_skipped": skipped, "groups_dropped": int(dropped),
-            "groups_unfinished": unfinished, "groups_trained": len(self.trained),
-            "groups_held_at_end": len(ledger["held_group_ids"]),
-            "groups_trained_too_often": sum(1 for c in self.trained.values() if c > max_reuse),
-            "groups_lost": int(self.groups_dispatched - unfinished - skipped - dropped - len(served_or_held)),
-        }
+        return ledger(self.groups_dispatched, self.request_seq, self.reissued, unfinished, self.trained,
+                      ray.get(self.buffer.ledger.remote(), timeout=self.cfg.ray.rpc_timeout_s), buffer_stats,
+                      self.cfg.buffer.max_reuse)
 
     def _maybe_evaluate(self, log: MetricsLog) -> None:
         k = self.cfg.data.eval_every
@@ -425,15 +411,3 @@ class Launcher:
             actor = self.fleet.slots[idle[0]].actor
             metrics = ray.get(actor.evaluate.remote(self.eval_prompts, self.handle), timeout=self.cfg.ray.rpc_timeout_s)
             log.log_eval(self.version, metrics)
-
-
-def summarize(history: list[dict], wall_s: float, final_dir: str, buffer_stats: dict, skipped: dict) -> dict:
-    k = max(len(history) // 5, 1)
-    first = sum(h["reward_mean"] for h in history[:k]) / k
-    last = sum(h["reward_mean"] for h in history[-k:]) / k
-    return {
-        "steps": len(history), "wall_s": round(wall_s, 1), "reward_first": round(first, 4), "reward_last": round(last, 4),
-        "staleness_max": max(h["staleness_max"] for h in history), "final_checkpoint": final_dir,
-        "samples_per_s": round(sum(h["samples_per_s"] for h in history) / len(history), 1),
-        "buffer": {k: v for k, v in buffer_stats.items() if isinstance(v, (int, float))}, "skipped": skipped,
-    }

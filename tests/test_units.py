@@ -114,3 +114,19 @@ def test_disk_transport_roundtrip_keeps_latest_and_times_out(tmp_path):
     missing = WeightHandle(9, "disk", str(tmp_path / "never.safetensors"), 0)
     with pytest.raises(TimeoutError, match="version 9"):
         list(t.fetch(missing, timeout_s=0.2))
+
+
+def test_ledger_finds_lost_and_twice_trained_groups():
+    from collections import Counter
+
+    from launch.ledger import ledger
+
+    buffer_ledger = {"requests": {"r0": {"stored": 3, "skipped": {"prompt_too_long": 1}},
+                                  "r1": {"stored": 2, "skipped": {}}},
+                     "held_group_ids": ["e"]}
+    stats = {"drops_stale_at_sample": 1, "duplicate_puts": 1}
+    ok = ledger(8, 2, 1, 2, Counter({"a": 1, "b": 1, "c": 1}), buffer_ledger, stats, max_reuse=1)
+    # 8 dispatched = 1 skipped + 1 dropped + 3 trained + 1 held + 2 unfinished
+    assert ok["groups_lost"] == 0 and ok["groups_trained_too_often"] == 0 and ok["duplicate_puts_refused"] == 1
+    lost = ledger(9, 2, 0, 2, Counter({"a": 1, "b": 2, "c": 1}), buffer_ledger, stats, max_reuse=1)
+    assert lost["groups_lost"] == 1 and lost["groups_trained_too_often"] == 1
