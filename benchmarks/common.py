@@ -51,7 +51,7 @@ def result(name: str, value: float | None, baseline: float | None, unit: str, ta
     """One row of results: value/baseline are medians of `samples`; ratio = value / baseline."""
     ratio = None if value is None or not baseline else value / baseline
     met = None if ratio is None or target is None else (ratio <= target if lower_is_better else ratio >= target)
-    rnd = lambda x: None if x is None else round(x, 4)  # noqa: E731
+    rnd = lambda x: None if x is None else float(f"{x:.4g}")  # noqa: E731  significant digits: ms-scale values keep them
     return {"name": name, "value": rnd(value), "baseline": rnd(baseline), "ratio": rnd(ratio), "unit": unit,
             "target": target, "target_is": "max" if lower_is_better else "min", "met": met, "samples": samples, **extra}
 
