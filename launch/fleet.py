@@ -11,8 +11,7 @@ stops with an error naming the actor rather than looping.
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import ray
@@ -33,7 +32,6 @@ class Slot:
     restarts: int = 0
     requests_done: int = 0
     pid: int | None = None
-    started_at: float = field(default_factory=time.time)
 
 
 class RolloutFleet:
