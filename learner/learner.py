@@ -17,6 +17,7 @@ import torch
 from learner.batch import TrainBatch, shard_groups, staleness_stats, to_tensors, token_logprobs
 from learner.config import LearnerConfig
 from learner.objectives import LossInputs, compute_loss, needs_proximal, needs_reference
+from learner.safe_state import SafetensorsCheckpointEngine
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "generation_config.json", "chat_template.jinja")
@@ -70,6 +71,7 @@ class Learner:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg, self.rows_per_micro, micro_steps),
         )
+        self.engine.checkpoint_engine = SafetensorsCheckpointEngine()  # resumable state without pickles
         self.ref = None
         if needs_reference(cfg.objective) or cfg.track_ref_kl:
             self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
@@ -206,10 +208,13 @@ class Learner:
     def save_checkpoint(self, directory: str) -> None:
         """Optimizer, scheduler, (partitioned) parameters, step and RNG for an exact resume; every rank must call.
 
-        This is DeepSpeed's own format (it knows how each ZeRO stage partitions state); the weights users and
-        generators load are written separately as safetensors by `save_pretrained`."""
+        DeepSpeed decides what each ZeRO stage saves; `learner/safe_state.py` writes it as safetensors + JSON
+        (no pickles). The weights users and generators load are written separately by `save_pretrained`."""
         self.engine.save_checkpoint(directory, tag="state", save_latest=False,
                                     client_state={"step": self.step, "torch_rng": torch.get_rng_state()})
+        if self.rank == 0:  # DeepSpeed's recovery scripts read pickles only; model/ holds the full weights
+            for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+                Path(directory, script).unlink(missing_ok=True)
 
     def load_checkpoint(self, directory: str) -> int:
         """Restore what `save_checkpoint` wrote; returns the restored step (the policy version)."""
