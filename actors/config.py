@@ -39,5 +39,8 @@ class ActorConfig(BaseModel):
     """Base seed; each actor derives its own so actors do not draw the same samples."""
     weight_update_mode: Literal["between_batches", "in_flight"] = "between_batches"
     """When new weights reach an engine: between requests, or in_flight (pause, load, resume; per-token versions)."""
+    cpu_weight_layout: Literal["plain", "packed"] = "plain"
+    """CPU engines: plain keeps linear weights in PyTorch layout so an update is an in-place copy; packed is vLLM's
+    default (oneDNN repack at every load, 6-10x the copy). See transport/plain_weights.py. Ignored on GPU."""
     max_failures: int = Field(3, ge=1)
     """A rollout actor that fails (dies, errors, or overruns ray.rpc_timeout_s) this many times in a row stops the run."""

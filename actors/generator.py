@@ -20,6 +20,7 @@ import pyarrow as pa
 from actors.config import ActorConfig
 from actors.rewards import resolve_reward, safe_reward
 from buffer.schema import Rollout, rollouts_to_arrow
+from transport.plain_weights import load_in_place, set_cpu_weight_layout
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,13 @@ class Generator:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         self.cfg, self.id, self.version = cfg, generator_id, version
+        # in-process engine (the in-flight generator's own engine process loads through vLLM's reload instead)
+        self.in_place = cfg.cpu_weight_layout == "plain" and current_platform.is_cpu() and type(self) is Generator
+        if current_platform.is_cpu():
+            set_cpu_weight_layout("plain" if self.in_place else "packed")  # before the engine loads the model
         if weight_transfer_backend == "relay_cpu":
             import transport.cpu_engine  # noqa: F401  registers the engine with vLLM's factory before the engine is built
         self.max_model_len = max_model_len
@@ -73,13 +79,19 @@ class Generator:
 
     def load_weights(self, version: int, named_tensors) -> None:
         """Apply a whole version in place, or nothing. The tensors are all fetched before vLLM is touched, so
-        a transfer that fails mid-way leaves the engine serving the old version, whole. vLLM's layerwise
-        reload is the path that works on CPU (the backend repacks linear weights at load time); the prefix
-        cache is reset so no block computed under the old weights is reused."""
+        a transfer that fails mid-way leaves the engine serving the old version, whole. With plain CPU weights
+        each tensor is copied into place (a copy failing half-way leaves the generator refusing to serve);
+        otherwise vLLM's layerwise reload re-creates and repacks the layers. The prefix cache is reset so no
+        block computed under the old weights is reused."""
         tensors = list(named_tensors)  # may raise (timeout, dead peer): nothing has been applied yet
         if not tensors:
             raise ValueError(f"generator {self.id}: weights version {version} holds no tensors")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors), "is_checkpoint_format": True})
+        if self.in_place:
+            self._updating = True
+            self.llm.collective_rpc(load_in_place, args=(tensors,))
+            self._updating = False
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
         self.version = version
 

@@ -18,15 +18,16 @@ class LearnerRank:
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         self.learner = Learner(cfg, model_path, group_size, temperature, rank, world_size)
         self.transport = transport
-        self._snapshot: dict[str, torch.Tensor] = {}  # object-store publishing: weights awaiting the store
-        self._snapshot_ref = None  # the ObjectRef that copies _snapshot into the store
+        self._reading: dict[str, torch.Tensor] | None = None  # object-store publishing: weights `materialize` copies
 
     def _publish(self):
         """Publish the current weights; returns (handle on rank 0, seconds the learner was blocked).
 
-        With the object store, the learner is blocked only for a copy into reused buffers (memcpy speed):
-        the copy into the store runs as this actor's own `materialize` call on another thread, and the
-        returned handle already holds that call's ObjectRef, which a generator's get waits on."""
+        With the object store nothing is copied on the learner's thread: the copy into the store runs as this
+        actor's own `materialize` call on its second thread, reading the live parameters, and the learner's next
+        optimizer update waits for it (`Learner.hold_weights`) — normally long done by then, after that step's
+        forward and backward. The returned handle already holds the call's ObjectRef, which a generator's get
+        waits on. (Under ZeRO-3 `full_state` is a gathered copy, so nothing is held.)"""
         from transport.weights import ObjectStoreTransport, WeightHandle
 
         if not isinstance(self.transport, ObjectStoreTransport):
@@ -35,23 +36,20 @@ class LearnerRank:
         state = self.learner.full_state(copy=False)
         if state is None:
             return None, 0.0
-        if self._snapshot_ref is not None:  # the buffers are ours again once the previous version is in the store
-            ray.wait([self._snapshot_ref], timeout=None)
-        if self._snapshot.keys() != state.keys():
-            self._snapshot = {k: torch.empty_like(v, device="cpu") for k, v in state.items()}
-        for k, v in state.items():
-            self._snapshot[k].copy_(v)
-        self._snapshot_ref = ray.get_runtime_context().current_actor.materialize.remote()
+        self._reading = state
+        ref = ray.get_runtime_context().current_actor.materialize.remote()
+        self.learner.hold_weights(lambda: ray.wait([ref], timeout=None))
         dtypes = {k: "bfloat16" for k, v in state.items() if v.dtype == torch.bfloat16}  # as to_numpy ships them
         nbytes = sum(v.nbytes for v in state.values())
-        handle = WeightHandle(self.learner.step, self.transport.name, self._snapshot_ref, nbytes, dtypes, time.time())
+        handle = WeightHandle(self.learner.step, self.transport.name, ref, nbytes, dtypes, time.time())
         return handle, time.perf_counter() - t0
 
     def materialize(self):
-        """Runs on a second actor thread: Ray copies the returned arrays into the object store."""
+        """Runs on a second actor thread: Ray copies the returned arrays (views of the weights) into the store."""
         from transport.weights import to_numpy
 
-        return to_numpy(self._snapshot)[0]
+        state, self._reading = self._reading, None
+        return to_numpy(state)[0]
 
     def train_step(self, batch, publish: bool):
         """Train on `batch` (resolved by Ray from the buffer's sample); publish afterwards if asked."""

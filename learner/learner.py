@@ -77,6 +77,7 @@ class Learner:
             self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
             self.ref.requires_grad_(False)
         self.step = 0  # optimizer steps taken == the version of the weights this learner holds
+        self._readers: list = []  # publishes still reading the live parameters (callables that wait for them)
 
     # ---- training -------------------------------------------------------------------------------
     def _forward(self, model, mb: TrainBatch):
@@ -100,7 +101,7 @@ class Learner:
             prox_logp = self._frozen_logp(self.engine.module, full)  # the policy before this update
             self.engine.train()
         sums: dict[str, float] = {}
-        n_micro = 0
+        n_micro, waited = 0, 0.0
         for _ in range(self.cfg.updates_per_batch):
             for i in range(0, len(full), self.rows_per_micro):
                 rows = slice(i, i + self.rows_per_micro)
@@ -117,6 +118,7 @@ class Learner:
                 if "kl_to_ref" not in metrics and inputs.ref_logp is not None:
                     metrics["kl_to_ref"] = kl_k3(logp.detach().float(), inputs.ref_logp, mask)
                 self.engine.backward(loss)
+                waited += self.release_weights()  # the update below overwrites what a publish may still be reading
                 self.engine.step()
                 metrics = {**metrics, "loss": loss.item(), "entropy_mean": float((entropy * mask).sum() / mask.sum())}
                 for k, v in metrics.items():
@@ -130,6 +132,7 @@ class Learner:
             **staleness_stats(full, self.step - 1),  # per token: learner version at the update minus the sampler's
             tokens=float(lengths.sum()), rows=float(len(full)),
             learner_step_s=time.perf_counter() - t0, lr=float(self.engine.get_lr()[0]),
+            weight_sync_wait_s=waited,  # how long this step waited for the previous publish to finish reading
         )
         return self._all_reduce(out)
 
@@ -173,6 +176,19 @@ class Learner:
             if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
                 state[name] = buf.detach().to("cpu", copy=copy)
         return state
+
+    def hold_weights(self, wait) -> None:
+        """A publish goes on reading the live parameters after it returned (object-store publishing copies them
+        on another thread): `wait()` returns once it is done. The next optimizer update calls it first, so the
+        learner trains the next batch's forward and backward while the copy runs and waits only if it is late."""
+        self._readers.append(wait)
+
+    def release_weights(self) -> float:
+        """Wait for every publish still reading the parameters; returns the seconds waited."""
+        t0 = time.perf_counter()
+        while self._readers:
+            self._readers.pop(0)()
+        return time.perf_counter() - t0
 
     def publish(self, transport):
         """Hand the current weights to `transport` as version `self.step`; returns the handle on rank 0."""
@@ -218,6 +234,7 @@ class Learner:
 
     def load_checkpoint(self, directory: str) -> int:
         """Restore what `save_checkpoint` wrote; returns the restored step (the policy version)."""
+        self.release_weights()
         path, client = self.engine.load_checkpoint(directory, tag="state")
         if path is None:
             raise FileNotFoundError(f"learner checkpoint {directory}: no DeepSpeed state under tag 'state'")

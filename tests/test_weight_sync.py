@@ -192,6 +192,31 @@ def test_failed_transfer_leaves_old_version_whole(generator, push, tiny_model_di
     _check_match(generator, _hf(tiny_model_dir, new), _prompts(), tol=1e-4)
 
 
+def _param_ptrs(worker) -> dict[str, int]:
+    return {name: p.data_ptr() for name, p in worker.model_runner.get_model().named_parameters()}
+
+
+def test_plain_layout_copies_in_place_and_an_incomplete_version_is_refused(generator, tiny_model_dir):
+    """The default CPU layout: an update writes into the memory the engine already reads (no re-created or
+    repacked layers), and a version that does not cover every parameter leaves the generator refusing to serve."""
+    assert generator.in_place
+    before = generator.llm.collective_rpc(_param_ptrs)[0]
+    state = _perturbed(tiny_model_dir, seed=21)
+    v = generator.version + 1
+    generator.load_weights(v, iter(state.items()))
+    assert generator.llm.collective_rpc(_param_ptrs)[0] == before
+    _check_match(generator, _hf(tiny_model_dir, state), _prompts(), tol=1e-4)
+
+    partial = {k: t for k, t in _perturbed(tiny_model_dir, seed=22).items() if "layers.1.mlp" not in k}
+    with pytest.raises(ValueError, match=r"did not cover 2 parameter\(s\).*layers\.1\.mlp"):
+        generator.load_weights(v + 1, iter(partial.items()))
+    assert generator.version == v
+    with pytest.raises(RuntimeError, match="did not finish"):
+        generator.generate(_prompts())
+    generator.load_weights(v + 1, iter(state.items()))  # a whole version recovers
+    _check_match(generator, _hf(tiny_model_dir, state), _prompts(), tol=1e-4)
+
+
 class _CountingDisk(DiskTransport):
     """A WeightTransport test double: the disk transport, counting fetches per version."""
 
@@ -221,3 +246,22 @@ def test_missed_version_is_skipped(tiny_model_dir, tmp_path):
     assert transport.fetched == [1, 3]
     assert actor.version() == 3
     _check_match(actor.gen, _hf(tiny_model_dir, states[3]), _prompts(), tol=1e-4)
+
+
+def test_packed_layout_loads_through_vllms_reload(tiny_model_dir):
+    """vLLM's own CPU layout (oneDNN-packed linears) still updates correctly, through the layerwise reload.
+    (Its own engine, after the module's shared one is done: a second engine in the process resets vLLM's
+    global parallel state.)"""
+    from actors.config import ActorConfig
+    from actors.generator import Generator
+
+    cfg = ActorConfig(n=4, max_tokens=6, temperature=0.8, top_k=0, cpu_weight_layout="packed")
+    gen = Generator(cfg, tiny_model_dir, "gen-packed", max_model_len=64)
+    assert not gen.in_place
+    linears = gen.llm.collective_rpc(lambda w: [type(m).__name__ for m in w.model_runner.get_model().modules()
+                                                if getattr(m, "cpu_linear", None) is torch.nn.functional.linear])[0]
+    assert linears == [], f"layers not packed: {linears}"
+    state = _perturbed(tiny_model_dir, seed=23)
+    gen.load_weights(1, iter(state.items()))
+    rows = _check_match(gen, _hf(tiny_model_dir, state), _prompts(), tol=1e-4)
+    assert {r.policy_version for r in rows} == {1}

@@ -19,6 +19,7 @@ import torch
 from vllm.distributed.weight_transfer import WeightTransferEngineFactory
 from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
 
+from transport import plain_weights
 from transport.buckets import BucketMeta, TensorMeta, unpack_bucket
 
 BACKEND = "relay_cpu"
@@ -73,6 +74,9 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[SharedMemoryInitInfo
         if not self.pending:
             raise RuntimeError("relay_cpu weight transfer: finish_weight_update without any received bucket")
         tensors, self.pending = self.pending, None
+        if plain_weights.active():  # linear weights in PyTorch layout: a copy into place, no repack
+            plain_weights.copy_into(self.model, tensors)
+            return
         initialize_layerwise_reload(self.model)
         self.model.load_weights(tensors)
         finalize_layerwise_reload(self.model, self.model_config)

@@ -1,0 +1,64 @@
+"""vLLM on CPU with linear weights kept in PyTorch layout, so a new version loads as an in-place copy.
+
+Why not vLLM's default: its CPU backend repacks every linear weight into oneDNN's blocked layout once the model
+is loaded and frees the original (`dispatch_cpu_unquantized_gemm`). A live update then has to go through vLLM's
+layerwise reload, which re-creates each layer's parameters, loads them and repacks them; the repack alone costs
+6-10x a copy of the same bytes (`create_onednn_mm` against `copy_`, one thread), and the whole reload took 0.3-0.8 s
+for a 100M-parameter model whose bytes copy in ~60 ms.
+
+With `actors.cpu_weight_layout: plain` the linear layers (and the tied or untied LM head) call
+`torch.nn.functional.linear` on their own weight, the fallback vLLM itself uses where oneDNN is missing; the
+parameters keep their weight loaders, and an update is the model's own `load_weights` copying each tensor (q/k/v and
+gate/up into their fused slices) into the memory the next forward reads. Per matmul torch and oneDNN were within
+0.8-1.7x of each other on this machine (`benchmarks.rollout` has the end-to-end comparison). GPUs are untouched.
+"""
+from __future__ import annotations
+
+import torch
+
+_packed_dispatch = None  # vLLM's own dispatch, kept for the layers this does not handle and for layout "packed"
+_plain = False  # the layout the engine this process builds (or reloads) next uses
+
+
+def _dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
+    weight = layer.weight
+    if not _plain or weight.is_meta or weight.ndim != 2:  # packed; missing layers, conv and MoE expert weights
+        return _packed_dispatch(layer, remove_weight)
+    layer.cpu_linear = torch.nn.functional.linear  # called as cpu_linear(x, layer.weight, bias): reads the live weight
+
+
+def set_cpu_weight_layout(layout: str) -> None:
+    """Choose how vLLM's CPU backend holds linear weights in this process from now on ("plain" or "packed"); call
+    before the engine loads the model (vLLM imports its dispatch function at each call, so patching its module is
+    enough). One engine per process, as in a rollout actor."""
+    global _packed_dispatch, _plain
+    from vllm.model_executor.layers import utils
+
+    if _packed_dispatch is None:
+        _packed_dispatch = utils.dispatch_cpu_unquantized_gemm
+        utils.dispatch_cpu_unquantized_gemm = _dispatch
+    _plain = layout == "plain"
+
+
+def active() -> bool:
+    """Whether this process's vLLM keeps linear weights plain (and so can be updated by `copy_into`)."""
+    return _plain
+
+
+def copy_into(model: torch.nn.Module, tensors: list[tuple[str, torch.Tensor]]) -> int:
+    """Copy a whole version (checkpoint names) into a vLLM model's parameters; returns the parameters written.
+    Raises naming parameters the version did not cover: the model then holds a mix and must not serve."""
+    with torch.inference_mode():
+        loaded = model.load_weights(iter(tensors))
+    if loaded is None:  # a model that does not report what it loaded
+        return len(tensors)
+    missing = sorted({name for name, _ in model.named_parameters()} - set(loaded))
+    if missing:
+        raise ValueError(f"the new weights did not cover {len(missing)} parameter(s) of the served model, "
+                         f"e.g. {missing[:3]}: the engine now holds a mix and must not serve")
+    return len(loaded)
+
+
+def load_in_place(worker, tensors: list[tuple[str, torch.Tensor]]) -> int:
+    """`copy_into` on the model of a vLLM worker; called through `LLM.collective_rpc`."""
+    return copy_into(worker.model_runner.get_model(), tensors)
