@@ -54,8 +54,7 @@ class Generator:
         from vllm.platforms import current_platform
 
         self.cfg, self.id, self.version = cfg, generator_id, version
-        # in-process engine (the in-flight generator's own engine process loads through vLLM's reload instead)
-        self.in_place = cfg.cpu_weight_layout == "plain" and current_platform.is_cpu() and type(self) is Generator
+        self.in_place = cfg.cpu_weight_layout == "plain" and current_platform.is_cpu()
         if current_platform.is_cpu():
             set_cpu_weight_layout("plain" if self.in_place else "packed")  # before the engine loads the model
         if weight_transfer_backend == "relay_cpu":

@@ -16,7 +16,8 @@ oldest token's version, which is what the buffer's staleness bound measures.
 
 The async engine always runs as a separate process (~16 s to start on CPU), which cannot receive
 tensors as RPC arguments: weights travel as a safetensors file in /dev/shm and a worker extension
-loads them through vLLM's layerwise reload (the path that works on CPU).
+loads them: copied into place with the default plain CPU layout (transport/plain_weights.py), else
+through vLLM's layerwise reload.
 """
 from __future__ import annotations
 
@@ -38,19 +39,37 @@ from actors.rewards import resolve_reward
 from buffer.schema import Rollout
 
 WORKER_EXTENSION = "actors.inflight.RelayWorkerExtension"
+LAYOUT_ENV = "RELAY_CPU_WEIGHT_LAYOUT"  # actors.cpu_weight_layout, handed to the engine process
+
+if os.environ.get(LAYOUT_ENV) == "plain":
+    # vLLM's engine process imports this module (as worker_extension_cls) before it loads the model
+    from transport.plain_weights import set_cpu_weight_layout
+
+    set_cpu_weight_layout("plain")
 
 
 class RelayWorkerExtension:
     """Mixed into vLLM's worker class in the engine process (by `worker_extension_cls`)."""
 
     def relay_load_safetensors(self, path: str) -> int:
-        """Load a full checkpoint-format state from a safetensors file in place; returns tensors loaded."""
+        """Load a full checkpoint-format state from a safetensors file in place; returns tensors loaded. Plain CPU
+        weights (transport/plain_weights.py) are copied into place; otherwise vLLM's layerwise reload repacks."""
         from safetensors import safe_open
+
+        from transport import plain_weights
 
         with safe_open(path, framework="pt") as f:
             tensors = [(name, f.get_tensor(name)) for name in f.keys()]
+        if plain_weights.active():
+            return plain_weights.copy_into(self.model_runner.get_model(), tensors)
         self.reload_weights(weights_iterator=iter(tensors), is_checkpoint_format=True)
         return len(tensors)
+
+    def relay_weight_layout(self) -> str:
+        """How this engine process holds linear weights on CPU: "plain" or "packed"."""
+        from transport import plain_weights
+
+        return "plain" if plain_weights.active() else "packed"
 
 
 def token_versions_from_spans(spans, n_tokens: int, request: str) -> list[int]:
@@ -124,6 +143,9 @@ class InflightGenerator(Generator):
                              "is not wired to the pause/resume path")
         self._engine_kwargs = dict(engine_kwargs or {})
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+        from vllm.platforms import current_platform
+
+        os.environ[LAYOUT_ENV] = cfg.cpu_weight_layout if current_platform.is_cpu() else "packed"
         self.cfg, self.id, self.version = cfg, generator_id, version
         self.max_model_len = max_model_len
         self.reward_fn = resolve_reward(cfg.reward)

@@ -125,7 +125,8 @@ def split_run(tiny_model_dir):
             time.sleep(0.002)
         gen.load_weights(1, iter(new.state_dict().items()))  # lm_head.weight included: the head is tied
         worker.join(timeout=120)
-        yield SimpleNamespace(result=out["result"], seen=seen, old=old, new=new, version_after=gen.version)
+        layout = gen._run(gen.engine.collective_rpc("relay_weight_layout"))
+        yield SimpleNamespace(result=out["result"], seen=seen, old=old, new=new, version_after=gen.version, layout=layout)
     finally:
         gen.close()
 
@@ -137,6 +138,7 @@ def test_inflight_update_splits_generation_exactly_at_the_pause(split_run):
     tol = 1e-4
     rows = rollouts_from_arrow(split_run.result.batch)
     assert len(rows) == len(PROMPTS) * N and split_run.version_after == 1
+    assert split_run.layout == ["plain"]  # the default CPU layout reached the engine process: an in-place copy
     worst_old, worst_new, ambiguous, splits = 0.0, 0.0, 0, []
     for r in rows:
         T = len(r.behaviour_logprobs)
