@@ -262,7 +262,9 @@ def test_a_stuck_actor_times_out_naming_it(launcher_factory, tmp_path):
     t0 = time.monotonic()
     with pytest.raises(ActorFailedError, match=r"gen-0 failed 2 times.*unanswered after ray.rpc_timeout_s=8"):
         launcher.run()
-    assert time.monotonic() - t0 < 8 * 2 + 120  # two timeouts plus one engine start, not forever
+    # two timeouts plus the run's start-up and one replacement engine, not forever: the bound is loose because on a
+    # loaded 2-core machine each vLLM or learner start alone can take 30-90 s (226 s seen in all once, under load)
+    assert time.monotonic() - t0 < 8 * 2 + 400
 
 
 def test_push_transport_end_to_end_on_cpu(launcher_factory):
