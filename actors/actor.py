@@ -59,8 +59,10 @@ class RolloutActor:
         if result.batch is not None:  # samples whose reward raised or was not finite: scored 0, counted by reason
             result.reward_faults = dict(Counter(x for x in result.batch.column("reward_info").to_pylist() if x))
         if result.batch is not None or request_id is not None:
+            t0 = time.perf_counter()
             put = self.buffer.put.remote(result.batch, None, request_id, result.skipped)
             result.duplicate = ray.get(put, timeout=put_timeout_s) < 0
+            result.put_s = time.perf_counter() - t0
         result.batch = None  # the rows went to the buffer; only the summary returns to the launcher
         return result
 

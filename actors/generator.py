@@ -40,6 +40,7 @@ class GenerationResult:
     load_s: float  # time spent applying new weights before sampling (0 if none)
     skipped: dict[str, int]  # reason -> groups
     duplicate: bool = False  # the buffer already held this request (a re-issue raced the original)
+    put_s: float = 0.0  # time the rollout actor waited for the buffer to take the batch
     reward_faults: dict[str, int] = field(default_factory=dict)  # samples scored 0 because the reward failed, by reason
 
 

@@ -29,9 +29,11 @@ MAX_MODEL_LEN = 64
 
 
 class BareVLLM:
-    """The baseline: a Generator's own engine, called with `LLM.generate` and nothing around it."""
+    """The baseline: a Generator's own engine, called with `LLM.generate` and nothing around it, with vLLM's
+    own CPU weight layout (packed), so Relay's plain layout is part of what is compared."""
 
     def __init__(self, cfg: ActorConfig, model_path: str):
+        cfg = cfg.model_copy(update={"cpu_weight_layout": "packed"})
         self.gen = Generator(cfg, model_path, "gen-0", MAX_MODEL_LEN)  # same engine args and seed as Relay's actor 0
 
     def generate(self, requests: list[list[Prompt]]) -> tuple[int, float]:
@@ -64,8 +66,9 @@ def start_actors(cfg: ActorConfig, model_path: str, count: int, buffer) -> list:
     return actors
 
 
-def relay_tokens_per_s(actors: list, requests: list[list[Prompt]]) -> tuple[int, float]:
-    """(tokens, seconds) for the requests spread over the actors, each actor serving its share in turn."""
+def relay_tokens_per_s(actors: list, requests: list[list[Prompt]], parts: dict | None = None) -> tuple[int, float]:
+    """(tokens, seconds) for the requests spread over the actors, each actor serving its share in turn; `parts`
+    collects where an actor's time went (summed over requests): generating (`gen_s`) and the buffer put (`put_s`)."""
     t0 = time.perf_counter()
     pending = {a: requests[i :: len(actors)] for i, a in enumerate(actors)}
     inflight = {a.generate.remote(pending[a].pop(0), None, 120.0): a for a in actors if pending[a]}
@@ -73,7 +76,11 @@ def relay_tokens_per_s(actors: list, requests: list[list[Prompt]]) -> tuple[int,
     while inflight:
         [ref], _ = ray.wait(list(inflight), num_returns=1)
         actor = inflight.pop(ref)
-        tokens += ray.get(ref).tokens
+        res = ray.get(ref)
+        tokens += res.tokens
+        if parts is not None:
+            parts["gen_s"] = parts.get("gen_s", 0.0) + res.gen_s
+            parts["put_s"] = parts.get("put_s", 0.0) + res.put_s
         if pending[actor]:
             inflight[actor.generate.remote(pending[actor].pop(0), None, 120.0)] = actor
     return tokens, time.perf_counter() - t0
@@ -94,11 +101,13 @@ def run(quick: bool) -> dict:
         for k in range(repeats):
             requests = make_requests(n_requests, cfg.prompts_per_request, offset=k * 7)
             order = ("relay", "bare") if k % 2 == 0 else ("bare", "relay")  # neither always goes first
-            s = {}
+            s, parts = {}, {}
             for which in order:
-                tokens, secs = relay_tokens_per_s([relay], requests) if which == "relay" else ray.get(bare.generate.remote(requests))
+                tokens, secs = relay_tokens_per_s([relay], requests, parts) if which == "relay" else ray.get(bare.generate.remote(requests))
                 s[which] = round(tokens / secs, 1)
                 s[f"{which}_tokens"] = tokens
+                s[f"{which}_s"] = round(secs, 4)
+            s.update({f"relay_{k}": round(v, 4) for k, v in parts.items()})  # the rest of relay_s: Ray calls
             samples.append(s)
     finally:
         for a in (relay, bare, buffer):
