@@ -1,6 +1,7 @@
 """Learner ranks as Ray actors: thin shells that set the distributed environment and hold a `Learner`."""
 from __future__ import annotations
 
+import itertools
 import os
 import time
 
@@ -18,7 +19,8 @@ class LearnerRank:
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         self.learner = Learner(cfg, model_path, group_size, temperature, rank, world_size)
         self.transport = transport
-        self._reading: dict[str, torch.Tensor] | None = None  # object-store publishing: weights `materialize` copies
+        self._reading: dict[int, dict[str, torch.Tensor]] = {}  # object-store publishes awaiting `materialize`
+        self._publish_ids = itertools.count(1)  # next() is atomic: two publishes on two actor threads never share one
 
     def _publish(self):
         """Publish the current weights; returns (handle on rank 0, seconds the learner was blocked).
@@ -27,7 +29,8 @@ class LearnerRank:
         actor's own `materialize` call on its second thread, reading the live parameters, and the learner's next
         optimizer update waits for it (`Learner.hold_weights`) — normally long done by then, after that step's
         forward and backward. The returned handle already holds the call's ObjectRef, which a generator's get
-        waits on. (Under ZeRO-3 `full_state` is a gathered copy, so nothing is held.)"""
+        waits on. (Under ZeRO-3 `full_state` is a gathered copy, so the hold costs nothing.) Each publish has its
+        own slot, so two publishes in a row never hand one `materialize` the other's weights."""
         from transport.weights import ObjectStoreTransport, WeightHandle
 
         if not isinstance(self.transport, ObjectStoreTransport):
@@ -36,20 +39,20 @@ class LearnerRank:
         state = self.learner.full_state(copy=False)
         if state is None:
             return None, 0.0
-        self._reading = state
-        ref = ray.get_runtime_context().current_actor.materialize.remote()
+        key = next(self._publish_ids)
+        self._reading[key] = state
+        ref = ray.get_runtime_context().current_actor.materialize.remote(key)
         self.learner.hold_weights(lambda: ray.wait([ref], timeout=None))
         dtypes = {k: "bfloat16" for k, v in state.items() if v.dtype == torch.bfloat16}  # as to_numpy ships them
         nbytes = sum(v.nbytes for v in state.values())
         handle = WeightHandle(self.learner.step, self.transport.name, ref, nbytes, dtypes, time.time())
         return handle, time.perf_counter() - t0
 
-    def materialize(self):
+    def materialize(self, publish: int):
         """Runs on a second actor thread: Ray copies the returned arrays (views of the weights) into the store."""
         from transport.weights import to_numpy
 
-        state, self._reading = self._reading, None
-        return to_numpy(state)[0]
+        return to_numpy(self._reading.pop(publish))[0]
 
     def train_step(self, batch, publish: bool):
         """Train on `batch` (resolved by Ray from the buffer's sample); publish afterwards if asked."""
