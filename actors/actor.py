@@ -29,6 +29,8 @@ class RolloutActor:
         self.buffer, self.transport, self.fetch_timeout_s = buffer, transport, fetch_timeout_s
         self._sync_lock = threading.Lock()  # in_flight: generate's sync and offer_weights run on two threads
         self._offered: WeightHandle | None = None  # between_batches: the newest offer, applied at the next request
+        if transport is not None and transport.name == "shared_memory":  # the learner writes in this engine's layout
+            transport.register_layout(self.gen.weight_layout())
 
     def sync(self, handle: WeightHandle | None) -> float:
         """Apply `handle` if it is newer than what this engine serves; intermediate versions are simply never fetched."""
@@ -36,7 +38,7 @@ class RolloutActor:
             if handle is None or handle.version <= self.gen.version:
                 return 0.0
             t0 = time.perf_counter()
-            self.gen.load_weights(handle.version, self.transport.fetch(handle, self.fetch_timeout_s))
+            self.transport.apply(handle, self.gen, self.fetch_timeout_s)
             return time.perf_counter() - t0
 
     def offer_weights(self, handle: WeightHandle) -> float:

@@ -20,7 +20,7 @@ import pyarrow as pa
 from actors.config import ActorConfig
 from actors.rewards import resolve_reward, safe_reward
 from buffer.schema import Rollout, rollouts_to_arrow
-from transport.plain_weights import load_in_place, set_cpu_weight_layout
+from transport.plain_weights import layout_of, load_in_place, point_at, set_cpu_weight_layout
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class GenerationResult:
 
 class Generator:
     _updating = False  # inside a start/finish weight update, when the weights may mix two versions
+    _shared = False  # the parameters are views of a shared-memory slot (transport/shared_slots.py)
 
     def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int, version: int = 0,
                  weight_transfer_backend: str | None = None, engine_kwargs: dict | None = None):
@@ -54,7 +55,8 @@ class Generator:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        self.cfg, self.id, self.version = cfg, generator_id, version
+        self.cfg, self.id, self.version, self.model_path = cfg, generator_id, version, model_path
+        self._layout: dict | None = None
         self.in_place = cfg.cpu_weight_layout == "plain" and current_platform.is_cpu()
         if current_platform.is_cpu():
             set_cpu_weight_layout("plain" if self.in_place else "packed")  # before the engine loads the model
@@ -86,12 +88,35 @@ class Generator:
         tensors = list(named_tensors)  # may raise (timeout, dead peer): nothing has been applied yet
         if not tensors:
             raise ValueError(f"generator {self.id}: weights version {version} holds no tensors")
+        if self._shared:  # a copy into place would write into a slot the learner and other generators share
+            raise RuntimeError(f"generator {self.id} serves its weights from a shared-memory slot; load version "
+                               f"{version} through the same transport")
         if self.in_place:
             self._updating = True
             self.llm.collective_rpc(load_in_place, args=(tensors,))
             self._updating = False
         else:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors), "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def weight_layout(self) -> dict:
+        """How this engine holds its parameters, for weights written straight into its layout (shared-memory
+        slots); computed once, while the engine still holds the checkpoint it loaded, and checked against it."""
+        if self._layout is None:
+            if not self.in_place:
+                raise RuntimeError(f"generator {self.id}: shared-memory weights need vLLM's plain CPU layout "
+                                   f"(actors.cpu_weight_layout: plain, on CPU), not {self.cfg.cpu_weight_layout!r}")
+            from transport.shared_slots import read_checkpoint
+
+            self._layout = self.llm.collective_rpc(layout_of, args=(read_checkpoint(self.model_path),))[0]
+        return self._layout
+
+    def attach_weights(self, version: int, views: list) -> None:
+        """Serve `views` (vLLM parameter name -> tensor, a whole version) without copying: the parameters become
+        those tensors. Checked whole before anything changes, so a bad version leaves the old one served."""
+        self.llm.collective_rpc(point_at, args=(views,))
+        self._shared = True
         self.llm.reset_prefix_cache()
         self.version = version
 

@@ -62,8 +62,10 @@ class DataConfig(BaseModel):
 class WeightSyncConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    transport: Literal["object_store", "disk", "nccl", "relay_cpu"] = "object_store"
-    """How weights travel learner -> generators: pulled (object_store, disk) or pushed through vLLM's weight-transfer
+    transport: Literal["object_store", "shared_memory", "disk", "nccl", "relay_cpu"] = "object_store"
+    """How weights travel learner -> generators: pulled (object_store; shared_memory, the fastest on one CPU host:
+    the learner writes each version into /dev/shm in vLLM's own layout and generators serve from it without a copy;
+    disk) or pushed through vLLM's weight-transfer
     engine: nccl on GPU clusters, relay_cpu (the same calls, buckets through /dev/shm) on one CPU host."""
     timeout_s: float = Field(120.0, gt=0)
     """A fetch, or any call of a weight push, that takes longer fails naming the version and the generator."""
@@ -187,7 +189,14 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key {key!r}: dataset file {source} does not exist")
     if A.weight_update_mode == "in_flight" and cfg.weights.transport not in ("object_store", "disk"):
         raise ConfigError(f"config key 'actors.weight_update_mode': in_flight works with weights.transport object_store "
-                          f"or disk, not {cfg.weights.transport!r} (a push transport is not wired to pause/resume)")
+                          f"or disk, not {cfg.weights.transport!r} (a push transport is not wired to pause/resume, and "
+                          "shared_memory serves from a slot the separate in-flight engine process does not map)")
+    if cfg.weights.transport == "shared_memory" and A.num_gpus > 0:
+        raise ConfigError("config key 'weights.transport': shared_memory serves generators on CPU; with "
+                          "actors.num_gpus > 0 use nccl (or object_store)")
+    if cfg.weights.transport == "shared_memory" and A.cpu_weight_layout != "plain":
+        raise ConfigError("config key 'weights.transport': shared_memory serves vLLM's plain CPU weight layout; "
+                          f"actors.cpu_weight_layout is {A.cpu_weight_layout!r}")
     if cfg.data.eval_every and not cfg.data.eval:
         raise ConfigError("config key 'data.eval_every': set data.eval to a held-out prompt file as well")
     if L.groups_per_step % L.num_ranks:

@@ -78,6 +78,9 @@ class Launcher:
         # a push transport's trainer side lives on learner rank 0 (NCCL needs its GPU); it is connected in run()
         self.push = cfg.weights.transport in PUSH_TRANSPORTS
         self.transport = None if self.push else make_transport(cfg.weights.transport, str(run_dir))
+        if cfg.weights.transport == "shared_memory" and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+            raise ValueError("weights.transport=shared_memory needs the learner and every generator on one host, and "
+                             "this Ray cluster has several nodes: use object_store")
         self.buffer = make_buffer_actor(cfg.buffer, cfg.learner.groups_per_step, str(run_dir))
         self.ranks = make_learner_ranks(cfg.learner, model_path=model_path, group_size=cfg.actors.n,
                                         temperature=cfg.actors.temperature, transport=self.transport)
@@ -342,6 +345,8 @@ class Launcher:
             self._publish_fleet(log)  # also the events of a failing run: they say why it stopped
             log.close()
             self.fleet.close_all(timeout_s=30)
+            if self.transport is not None and self.transport.name == "shared_memory":
+                self.transport.close()  # the slots in /dev/shm
         wall = time.perf_counter() - t0
         final = ray.get([r.save_pretrained.remote(str(self.run_dir / "final")) for r in self.ranks],
                         timeout=cfg.ray.rpc_timeout_s)[0]

@@ -25,22 +25,23 @@ class LearnerRank:
     def _publish(self):
         """Publish the current weights; returns (handle on rank 0, seconds the learner was blocked).
 
-        With the object store nothing is copied on the learner's thread: the copy into the store runs as this
-        actor's own `materialize` call on its second thread, reading the live parameters, and the learner's next
-        optimizer update waits for it (`Learner.hold_weights`) — normally long done by then, after that step's
-        forward and backward. The returned handle already holds the call's ObjectRef, which a generator's get
-        waits on. (Under ZeRO-3 `full_state` is a gathered copy, so the hold costs nothing.) Each publish has its
-        own slot, so two publishes in a row never hand one `materialize` the other's weights."""
-        from transport.weights import ObjectStoreTransport, WeightHandle
+        Deferred transports (the object store, shared-memory slots) copy nothing on the learner's thread: the
+        copy runs as this actor's own `materialize` call on its second thread, reading the live parameters, and
+        the learner's next optimizer update waits for it (`Learner.hold_weights`) — normally long done by then,
+        after that step's forward and backward. The returned handle already holds the call's ObjectRef, which a
+        generator waits on. (Under ZeRO-3 `full_state` is a gathered copy, so the hold costs nothing.) Each
+        publish has its own slot in `_reading`, so two publishes in a row never hand one `materialize` the
+        other's weights."""
+        from transport.weights import WeightHandle
 
-        if not isinstance(self.transport, ObjectStoreTransport):
+        if self.transport is None or not self.transport.deferred:
             return self.learner.publish(self.transport)
         t0 = time.perf_counter()
         state = self.learner.full_state(copy=False)
         if state is None:
             return None, 0.0
         key = next(self._publish_ids)
-        self._reading[key] = state
+        self._reading[key] = (self.learner.step, state)
         ref = ray.get_runtime_context().current_actor.materialize.remote(key)
         self.learner.hold_weights(lambda: ray.wait([ref], timeout=None))
         dtypes = {k: "bfloat16" for k, v in state.items() if v.dtype == torch.bfloat16}  # as to_numpy ships them
@@ -49,10 +50,10 @@ class LearnerRank:
         return handle, time.perf_counter() - t0
 
     def materialize(self, publish: int):
-        """Runs on a second actor thread: Ray copies the returned arrays (views of the weights) into the store."""
-        from transport.weights import to_numpy
-
-        return to_numpy(self._reading.pop(publish))[0]
+        """Runs on a second actor thread: the transport copies the weights (the object store: Ray copies the
+        returned arrays, views of the weights, into the store; shared memory: into a slot, returning where)."""
+        version, state = self._reading.pop(publish)
+        return self.transport.write(version, state)
 
     def train_step(self, batch, publish: bool):
         """Train on `batch` (resolved by Ray from the buffer's sample); publish afterwards if asked."""

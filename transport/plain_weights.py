@@ -62,3 +62,26 @@ def copy_into(model: torch.nn.Module, tensors: list[tuple[str, torch.Tensor]]) -
 def load_in_place(worker, tensors: list[tuple[str, torch.Tensor]]) -> int:
     """`copy_into` on the model of a vLLM worker; called through `LLM.collective_rpc`."""
     return copy_into(worker.model_runner.get_model(), tensors)
+
+
+def point_at(worker, views: list[tuple[str, torch.Tensor]]) -> int:
+    """Make a vLLM worker's parameters views of `views` ({vLLM parameter name: tensor}, e.g. a shared-memory slot):
+    nothing is copied. Every parameter must be given with its shape and dtype, checked before any is changed."""
+    params = dict(worker.model_runner.get_model().named_parameters())
+    given = dict(views)
+    if missing := sorted(set(params) - set(given)):
+        raise ValueError(f"the new weights do not cover {len(missing)} parameter(s) of the served model, e.g. {missing[:3]}")
+    for name, p in params.items():
+        t = given[name]
+        if t.shape != p.shape or t.dtype != p.dtype:
+            raise ValueError(f"{name}: the new weights are {tuple(t.shape)} {t.dtype}, the model holds {tuple(p.shape)} {p.dtype}")
+    for name, p in params.items():
+        p.data = given[name]
+    return len(params)
+
+
+def layout_of(worker, checkpoint: dict[str, torch.Tensor]) -> dict:
+    """The shared-memory slot layout of a vLLM worker's model, checked against the checkpoint it loaded."""
+    from transport.shared_slots import vllm_layout
+
+    return vllm_layout(worker.model_runner.get_model(), checkpoint)

@@ -40,6 +40,8 @@ class WeightHandle:
 
 class WeightTransport(ABC):
     name: str
+    deferred = False  # True: a learner rank calls `write` on its second thread and the handle carries its result
+
 
     @abstractmethod
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> WeightHandle:
@@ -48,6 +50,14 @@ class WeightTransport(ABC):
     @abstractmethod
     def fetch(self, handle: WeightHandle, timeout_s: float) -> NamedTensors:
         """Yield (name, tensor) of the published version; raise TimeoutError naming the version if it cannot."""
+
+    def write(self, version: int, state: dict[str, torch.Tensor]) -> Any:
+        """Deferred transports: consume `state` (the live weights) and return what the handle's ObjectRef holds."""
+        raise RuntimeError(f"the {self.name} transport is not deferred: call publish()")
+
+    def apply(self, handle: WeightHandle, generator, timeout_s: float) -> None:
+        """Make `generator` serve the version of `handle`: fetch the tensors and load them (whole or nothing)."""
+        generator.load_weights(handle.version, self.fetch(handle, timeout_s))
 
 
 def to_numpy(state: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -73,6 +83,11 @@ class ObjectStoreTransport(WeightTransport):
     """Ray's shared-memory object store: one put per version, a zero-copy get per generator."""
 
     name = "object_store"
+    deferred = True  # a learner rank copies into the store on its second thread (LearnerRank.materialize)
+
+    def write(self, version: int, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Arrays viewing `state`; returned from a Ray actor call, Ray copies them into the store."""
+        return to_numpy(state)[0]
 
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> WeightHandle:
         import ray
@@ -143,11 +158,15 @@ def make_transport(name: str, run_dir: str, bucket_mb: float = 256.0, timeout_s:
         from transport.nccl import NcclTransport  # raises on a machine without CUDA
 
         return NcclTransport(bucket_mb, timeout_s, master_address, master_port)
+    if name == "shared_memory":
+        from transport.shared_slots import SharedMemorySlotTransport
+
+        return SharedMemorySlotTransport()
     if name == "relay_cpu":
         from transport.engine import SharedMemoryTransport
 
         return SharedMemoryTransport(bucket_mb)
-    raise ValueError(f"weights.transport {name!r}: available: object_store, disk, nccl, relay_cpu")
+    raise ValueError(f"weights.transport {name!r}: available: object_store, shared_memory, disk, nccl, relay_cpu")
 
 
 PUSH_TRANSPORTS = ("nccl", "relay_cpu")  # built and connected on learner rank 0, not in the driver
