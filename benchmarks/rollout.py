@@ -59,9 +59,10 @@ def sink_buffer():
     return make_buffer_actor(cfg, groups_per_step=1, run_dir=None)
 
 
-def start_actors(cfg: ActorConfig, model_path: str, count: int, buffer) -> list:
+def start_actors(cfg: ActorConfig, model_path: str, count: int, buffer, transport=None) -> list:
+    transport = transport or make_transport("object_store", "")
     actors = [make_rollout_actor(cfg, i, model_path=model_path, max_model_len=MAX_MODEL_LEN, buffer=buffer,
-                                 transport=make_transport("object_store", ""), fetch_timeout_s=120) for i in range(count)]
+                                 transport=transport, fetch_timeout_s=120) for i in range(count)]
     ray.get([a.version.remote() for a in actors])  # engines up before any clock starts
     return actors
 

@@ -1,9 +1,11 @@
 """Weight sync: learner-to-generator publish bandwidth against memcpy, and how long the learner is blocked.
 
 One publish is timed from the driver: a DeepSpeed learner rank (Relay's `Learner`
-in its `LearnerRank` shell) hands its full weights to the object-store
-transport and returns a handle; a rollout actor then fetches and loads that
-version into its vLLM engine. Effective bandwidth = bytes published / (publish
+in its `LearnerRank` shell) hands its full weights to the transport and returns a
+handle; a rollout actor then applies that version (shared_memory, the reported
+transport: the rank's second thread copies the weights into a /dev/shm slot in
+vLLM's layout and the generator serves from it; object_store, measured alongside:
+copy into Ray's store, then into the engine's parameters). Effective bandwidth = bytes published / (publish
 start -> the generator serves the new version), with nothing else running.
 The reference is a large `torch` tensor `copy_` into an existing buffer, in the
 same run.
@@ -76,20 +78,19 @@ def sync_once(rank, actor, batch=None) -> tuple:
     return handle, publish_s, load_s, total, training
 
 
-def run(quick: bool) -> list[dict]:
-    """Two results: `weight_sync_vs_memcpy` and `learner_blocked_fraction`."""
-    hidden, layers, repeats, copy_bytes = (128, 2, 2, 2**28) if quick else (768, 11, 4, 2**30)
-    model_path, params = build_bench_model(hidden, layers)
-    transport = make_transport("object_store", "")
+def measure(transport_name: str, model_path: str, repeats: int, copy_bytes: int) -> list[dict]:
+    """`repeats` samples of one transport: an isolated sync, then one while the learner trains its next batch."""
+    transport = make_transport(transport_name, "")
     lcfg = LearnerConfig(track_ref_kl=False, groups_per_step=1, micro_batch_groups=1)
     rank = ray.remote(PublishingRank).options(
         num_cpus=1, max_concurrency=2,  # as make_learner_ranks: the store copy runs on a second thread
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
     ).remote(lcfg, model_path, 8, 1.0, 0, 1, "127.0.0.1", free_port(), transport)
-    [actor] = start_actors(ActorConfig(), model_path, 1, buffer=None)
+    [actor] = start_actors(ActorConfig(), model_path, 1, buffer=None, transport=transport)
     try:
         ray.get(rank.node_ip.remote())
-        ray.get(actor.sync.remote(ray.get(rank.timed_publish.remote())[0]))  # first load allocates; not timed
+        for _ in range(3):  # first loads allocate (shared memory: the two slots the versions alternate between); not timed
+            ray.get(actor.sync.remote(ray.get(rank.timed_publish.remote())[0]))
         batch = fake_group_fast("g", 8, response_len=8, prompt_len=6)  # one group, as the rank was built for; ids < vocab 15
         ray.get(rank.train_step.remote(batch, False))  # first step allocates the optimizer state; not timed
         samples = []
@@ -99,7 +100,9 @@ def run(quick: bool) -> list[dict]:
             # as in a run: the learner trains the next batch while the version travels
             _, publish2_s, _, total2, training = sync_once(rank, actor, batch)
             waited = ray.get(training)["metrics"]["weight_sync_wait_s"]
-            samples.append({"bytes": handle.nbytes, "publish_s": round(publish_s, 4), "fetch_load_s": round(load_s, 4),
+            written = ray.get(handle.payload)  # shared_memory: where and how long the learner's copy took
+            write_s = {"write_s": round(written["write_s"], 4)} if isinstance(written, dict) and "write_s" in written else {}
+            samples.append({"bytes": handle.nbytes, "publish_s": round(publish_s, 4), "fetch_load_s": round(load_s, 4), **write_s,
                             "total_s": round(total, 4), "sync_bytes_per_s": round(handle.nbytes / total),
                             "memcpy_bytes_per_s": round(copy_bw), "training_publish_s": round(publish2_s, 4),
                             "training_wait_s": round(waited, 4), "training_blocked_s": round(publish2_s + waited, 4),
@@ -107,7 +110,27 @@ def run(quick: bool) -> list[dict]:
     finally:
         ray.kill(rank)
         ray.kill(actor)
-    cfg = {"params": params, "hidden": hidden, "layers": layers, "transport": "object_store", "memcpy_bytes": copy_bytes}
+        if hasattr(transport, "close"):
+            transport.close()
+    return samples
+
+
+def _ratios(samples: list[dict]) -> dict:
+    med = lambda k: statistics.median(s[k] for s in samples)  # noqa: E731
+    return {"sync_vs_memcpy": round(med("sync_bytes_per_s") / med("memcpy_bytes_per_s"), 3),
+            "blocked_fraction": round(med("training_blocked_s") / med("training_total_s"), 4),
+            "total_s": med("total_s")}
+
+
+def run(quick: bool) -> list[dict]:
+    """Two results, `weight_sync_vs_memcpy` and `learner_blocked_fraction`, for the fastest CPU transport
+    (shared_memory: one copy, learner -> a slot vLLM serves from); the object store's numbers ride along."""
+    hidden, layers, repeats, copy_bytes = (128, 2, 2, 2**28) if quick else (768, 11, 4, 2**30)
+    model_path, params = build_bench_model(hidden, layers)
+    samples = measure("shared_memory", model_path, repeats, copy_bytes)
+    object_store = measure("object_store", model_path, max(repeats // 2, 1), copy_bytes)
+    cfg = {"params": params, "hidden": hidden, "layers": layers, "transport": "shared_memory", "memcpy_bytes": copy_bytes,
+           "object_store": _ratios(object_store) | {"samples": object_store}}
     sync = statistics.median(s["sync_bytes_per_s"] for s in samples)
     copy = statistics.median(s["memcpy_bytes_per_s"] for s in samples)
     blocked = statistics.median(s["training_blocked_s"] for s in samples)

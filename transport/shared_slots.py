@@ -42,6 +42,7 @@ HEADER = 4096  # bytes before the first region; regions start 64-byte aligned
 _HEAD = struct.Struct("<8sqq40s")  # magic, version, sealed, layout id
 MAGIC = b"RELAYSLT"
 LAYOUT_FILE = "layout.json"
+CHUNK = 8 << 20  # the learner's copy is cut into pieces of this many bytes, shared out between its threads
 
 
 class LayoutError(ValueError):
@@ -152,9 +153,10 @@ class SharedMemorySlotTransport(WeightTransport):
     name = "shared_memory"
     deferred = True  # a learner rank runs `write` on its second thread; the handle carries that call's result
 
-    def __init__(self, directory: str | None = None):
+    def __init__(self, directory: str | None = None, threads: int | None = None):
         base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         self.dir = directory or tempfile.mkdtemp(prefix="relay-slots-", dir=base)
+        self.threads = threads or min(4, os.cpu_count() or 1)
         self._init_local()
 
     def _init_local(self) -> None:
@@ -163,12 +165,13 @@ class SharedMemorySlotTransport(WeightTransport):
         self._last: str | None = None  # learner: the slot written last (generators may be about to take it)
         self._held: Slot | None = None  # generator: the slot it serves, shared-locked
         self._lock = threading.Lock()
+        self._pool = None  # learner: the copy's helper threads, started at the first write
 
-    def __getstate__(self):  # mappings, fds and locks stay in the process that made them
-        return {"dir": self.dir}
+    def __getstate__(self):  # mappings, fds, locks and threads stay in the process that made them
+        return {"dir": self.dir, "threads": self.threads}
 
     def __setstate__(self, state):
-        self.dir = state["dir"]
+        self.dir, self.threads = state["dir"], state["threads"]
         self._init_local()
 
     # -- generator side --
@@ -227,24 +230,52 @@ class SharedMemorySlotTransport(WeightTransport):
     # -- learner side --
     def write(self, version: int, state: dict[str, torch.Tensor]) -> dict:
         """Copy a full state into a slot no generator serves; returns where it is (what the handle resolves to)."""
+        t0 = time.perf_counter()
         with self._lock:  # two publishes in a row may both be writing
             layout = self._layout or self._read_layout(version)
             slot = self._free_slot(layout["nbytes"])
             try:
                 slot.set_header(version, False, layout["id"])
-                for region in layout["regions"]:
-                    dst = slot.view(region)
-                    for src, row, rows in region["parts"]:
-                        t = state.get(src)
-                        if t is None:
-                            raise KeyError(f"weights version {version}: the learner's state has no {src}, "
-                                           f"which the generators serve in {region['name']}")
-                        dst[row:row + rows].copy_(t.detach().reshape(rows, *region["shape"][1:]))
+                self._copy(self._copies(version, state, layout, slot))
                 slot.set_header(version, True, layout["id"])
             finally:
                 slot.unlock()
             self._last = slot.path
-            return {"path": slot.path, "version": version}
+            return {"path": slot.path, "version": version, "write_s": time.perf_counter() - t0}
+
+    @staticmethod
+    def _copies(version: int, state: dict[str, torch.Tensor], layout: dict, slot: Slot) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(destination, source) pairs of one version, cut into pieces of at most CHUNK bytes."""
+        pairs = []
+        for region in layout["regions"]:
+            dst = slot.view(region)
+            for src, row, rows in region["parts"]:
+                t = state.get(src)
+                if t is None:
+                    raise KeyError(f"weights version {version}: the learner's state has no {src}, "
+                                   f"which the generators serve in {region['name']}")
+                d, t = dst[row:row + rows], t.detach().reshape(rows, *region["shape"][1:])
+                step = max(CHUNK // max(d[:1].numel() * d.element_size(), 1), 1)
+                pairs += [(d[i:i + step], t[i:i + step]) for i in range(0, rows, step)]
+        return pairs
+
+    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The copy on `threads` threads (one core's copy does not saturate memory bandwidth; copy_ releases
+        the GIL), this one included; torch's own thread pool is left alone, the learner trains with it."""
+        if self.threads <= 1:
+            for d, t in pairs:
+                d.copy_(t)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="relay-slot-copy")
+        shares = [pairs[i::self.threads] for i in range(self.threads)]  # chunks interleaved: equal bytes per thread
+        run = lambda share: [d.copy_(t) for d, t in share]  # noqa: E731
+        futures = [self._pool.submit(run, share) for share in shares[1:]]
+        run(shares[0])
+        for f in futures:
+            f.result()
 
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> WeightHandle:
         info = self.write(version, state)  # outside a learner rank: written before the handle exists
