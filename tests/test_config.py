@@ -99,3 +99,15 @@ def test_in_flight_updates_refuse_push_transports():
     with pytest.raises(ConfigError, match="actors.weight_update_mode"):
         load_config(None, {"actors.weight_update_mode": "in_flight", "weights.transport": "nccl"})
     assert load_config(None, {"actors.weight_update_mode": "in_flight"}).actors.weight_update_mode == "in_flight"
+
+
+def test_shared_memory_transport_refuses_what_it_cannot_serve():
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="in_flight works with .* not 'shared_memory'"):
+        load_config(None, {"actors.weight_update_mode": "in_flight", "weights.transport": "shared_memory"})
+    with pytest.raises(ConfigError, match="shared_memory serves vLLM's plain CPU weight layout; actors.cpu_weight_layout is 'packed'"):
+        load_config(None, {"weights.transport": "shared_memory", "actors.cpu_weight_layout": "packed"})
+    with pytest.raises(ConfigError, match="shared_memory serves generators on CPU"):
+        load_config(None, {"weights.transport": "shared_memory", "actors.num_gpus": 1})
+    assert load_config(None, {"weights.transport": "shared_memory"}).weights.transport == "shared_memory"

@@ -122,6 +122,37 @@ def test_rollout_actors_killed_from_outside_and_by_ray_are_replaced(launcher_fac
     assert max(r["staleness_max"] for r in _metrics(run_dir)) <= 1  # replacements sampled under fresh weights
 
 
+def test_shared_memory_transport_end_to_end_with_an_actor_killed(launcher_factory):
+    """weights.transport shared_memory: the learner rank writes each version into /dev/shm slots the generators serve
+    from. A generator SIGKILLed while serving a slot loses its lock with its process, so that slot is reused; its
+    replacement registers the same layout and serves the newest version. Slots stay few and vanish with the run."""
+    launcher = launcher_factory("--learner.total_steps", "8", "--actors.num_actors", "2", "--weights.transport",
+                                "shared_memory", "--buffer.max_staleness", "1", "--learner.checkpoint_every", "0")
+    run_dir, slot_dir = launcher.run_dir, Path(launcher.transport.dir)
+    seen: list[int] = []
+    killed: list[int] = []
+
+    def sigkill():
+        pid = _actor_pids(run_dir)[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    def count_slots():
+        seen.append(len(list(slot_dir.glob("slot-*.bin"))) if slot_dir.exists() else 0)
+        return False  # keep watching until the run ends
+
+    _when(_step_reached(run_dir, 3), sigkill)
+    _when(count_slots, lambda: None)
+    summary = launcher.run()
+    assert killed and summary["steps"] == 8
+    assert any(e["event"] == "actor_restarted" for e in _events(run_dir))
+    _assert_nothing_lost(summary["ledger"])
+    rows = _metrics(run_dir)
+    assert max(r["behaviour_version_max"] for r in rows) >= 5 and max(r["staleness_max"] for r in rows) <= 1
+    assert 2 <= max(seen) <= 4, seen  # one per generator plus the one being written, reused across eight versions
+    assert not slot_dir.exists()
+
+
 def test_an_actor_that_keeps_failing_stops_the_run_with_a_clear_error(launcher_factory, tmp_path):
     """A reward function that kills its process (a generator that crashes on every request) is not retried forever."""
     from launch.fleet import ActorFailedError
