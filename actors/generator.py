@@ -112,10 +112,11 @@ class Generator:
             self._layout = self.llm.collective_rpc(layout_of, args=(read_checkpoint(self.model_path),))[0]
         return self._layout
 
-    def attach_weights(self, version: int, views: list) -> None:
-        """Serve `views` (vLLM parameter name -> tensor, a whole version) without copying: the parameters become
-        those tensors. Checked whole before anything changes, so a bad version leaves the old one served."""
-        self.llm.collective_rpc(point_at, args=(views,))
+    def attach_slot(self, version: int, slot, layout: dict) -> None:
+        """Serve a whole version from a shared-memory slot (transport/shared_slots.py) without copying: the
+        parameters become views of it. Checked whole before anything changes, so a bad version leaves the old
+        one served."""
+        self.llm.collective_rpc(point_at, args=([(r["name"], slot.view(r)) for r in layout["regions"]],))
         self._shared = True
         self.llm.reset_prefix_cache()
         self.version = version

@@ -65,6 +65,26 @@ class RelayWorkerExtension:
         self.reload_weights(weights_iterator=iter(tensors), is_checkpoint_format=True)
         return len(tensors)
 
+    def relay_slot_layout(self, model_path: str) -> dict:
+        """The shared-memory slot layout of this engine's model, checked against the checkpoint it loaded."""
+        from transport.shared_slots import read_checkpoint, vllm_layout
+
+        self.relay_layout = vllm_layout(self.model_runner.get_model(), read_checkpoint(model_path))
+        return self.relay_layout
+
+    def relay_attach_slot(self, path: str) -> int:
+        """Serve the version in the slot file at `path` without copying (the parameters become views of this
+        process's own mapping of it, kept for the next time the slot comes round); the rollout actor holds the
+        slot's lock."""
+        from transport import plain_weights
+        from transport.shared_slots import Slot
+
+        slots = self.__dict__.setdefault("relay_slots", {})
+        if path not in slots:
+            slots[path] = Slot(path, self.relay_layout["nbytes"])
+        slot = slots[path]
+        return plain_weights.point_at(self, [(r["name"], slot.view(r)) for r in self.relay_layout["regions"]])
+
     def relay_weight_layout(self) -> str:
         """How this engine process holds linear weights on CPU: "plain" or "packed"."""
         from transport import plain_weights
@@ -146,7 +166,8 @@ class InflightGenerator(Generator):
         from vllm.platforms import current_platform
 
         os.environ[LAYOUT_ENV] = cfg.cpu_weight_layout if current_platform.is_cpu() else "packed"
-        self.cfg, self.id, self.version = cfg, generator_id, version
+        self.cfg, self.id, self.version, self.model_path = cfg, generator_id, version, model_path
+        self._layout: dict | None = None
         self.max_model_len = max_model_len
         self.reward_fn = resolve_reward(cfg.reward)
         self._load_lock = threading.Lock()  # one weight swap at a time, applied in call order
@@ -202,20 +223,41 @@ class InflightGenerator(Generator):
     def load_weights(self, version: int, named_tensors) -> None:
         """Apply a whole version now, also in the middle of a running `generate`: tokens sampled after
         this returns are from `version`, tokens before from the previous one."""
+        if self._shared:
+            raise RuntimeError(f"generator {self.id} serves its weights from a shared-memory slot; load version "
+                               f"{version} through the same transport")
         with self._load_lock:
             path = _write_safetensors(named_tensors)
             try:
-                t0 = time.perf_counter()
-                self._run(self._swap(version, path))
-                self._paused_s += time.perf_counter() - t0
+                self._swap_timed(version, "relay_load_safetensors", path)
             finally:
                 os.unlink(path)
-            self.version = version
 
-    async def _swap(self, version: int, path: str) -> None:
+    def weight_layout(self) -> dict:
+        """`Generator.weight_layout`, computed in the engine process, which holds the model."""
+        if self._layout is None:
+            if os.environ.get(LAYOUT_ENV) != "plain":
+                raise RuntimeError(f"generator {self.id}: shared-memory weights need vLLM's plain CPU layout "
+                                   f"(actors.cpu_weight_layout: plain, on CPU), not {os.environ.get(LAYOUT_ENV)!r}")
+            self._layout = self._run(self.engine.collective_rpc("relay_slot_layout", args=(self.model_path,)))[0]
+        return self._layout
+
+    def attach_slot(self, version: int, slot, layout: dict) -> None:
+        """Serve a shared-memory slot now, also mid-generation (pause, point the parameters at it, resume)."""
+        with self._load_lock:
+            self._swap_timed(version, "relay_attach_slot", slot.path)
+            self._shared = True
+
+    def _swap_timed(self, version: int, method: str, arg) -> None:
+        t0 = time.perf_counter()
+        self._run(self._swap(version, method, arg))
+        self._paused_s += time.perf_counter() - t0
+        self.version = version
+
+    async def _swap(self, version: int, method: str, arg) -> None:
         await self.engine.pause_generation(mode="keep", clear_cache=True)
         try:
-            await self.engine.collective_rpc("relay_load_safetensors", args=(path,))
+            await self.engine.collective_rpc(method, args=(arg,))
             await self.engine.update_weight_version(str(version))  # labels the outputs of every later step
         except BaseException:
             # half-loaded weights must not sample under either label: stop the engine, so every waiting

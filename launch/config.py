@@ -187,10 +187,9 @@ def validate(cfg: RunConfig) -> None:
     for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if source and not source.startswith("synthetic:") and not Path(source).is_file():
             raise ConfigError(f"config key {key!r}: dataset file {source} does not exist")
-    if A.weight_update_mode == "in_flight" and cfg.weights.transport not in ("object_store", "disk"):
-        raise ConfigError(f"config key 'actors.weight_update_mode': in_flight works with weights.transport object_store "
-                          f"or disk, not {cfg.weights.transport!r} (a push transport is not wired to pause/resume, and "
-                          "shared_memory serves from a slot the separate in-flight engine process does not map)")
+    if A.weight_update_mode == "in_flight" and cfg.weights.transport not in ("object_store", "shared_memory", "disk"):
+        raise ConfigError(f"config key 'actors.weight_update_mode': in_flight works with weights.transport object_store, "
+                          f"shared_memory or disk, not {cfg.weights.transport!r} (a push transport is not wired to pause/resume)")
     if cfg.weights.transport == "shared_memory" and A.num_gpus > 0:
         raise ConfigError("config key 'weights.transport': shared_memory serves generators on CPU; with "
                           "actors.num_gpus > 0 use nccl (or object_store)")

@@ -201,10 +201,13 @@ def ray_cluster():
 
 
 @pytest.mark.slow
-def test_rollout_actor_applies_offered_weights_during_a_request(ray_cluster, tmp_path_factory):
+@pytest.mark.parametrize("transport_name", ["object_store", "shared_memory"])
+def test_rollout_actor_applies_offered_weights_during_a_request(transport_name, ray_cluster, tmp_path_factory):
     """The Ray shell in in_flight mode: offer_weights runs on a second thread while generate is running; the
-    request's rows reach the buffer with the split recorded, and the actor serves the new version after it.
-    An untrained model (near-uniform, rarely samples EOS) makes responses long enough to be caught mid-way."""
+    request's rows reach the buffer with the split recorded, and the actor serves the new version after it:
+    tokens before the swap match a transformers forward of the old weights, tokens after it the new ones (with
+    shared_memory the engine process serves straight from the learner's slot). An untrained model (near-uniform,
+    rarely samples EOS) makes responses long enough to be caught mid-way."""
     import ray
     from transformers import AutoModelForCausalLM
 
@@ -214,18 +217,20 @@ def test_rollout_actor_applies_offered_weights_during_a_request(ray_cluster, tmp
     from buffer.config import BufferConfig
     from launch.config import ModelConfig
     from launch.model import build_default_model
-    from transport.weights import ObjectStoreTransport
+    from tests.test_generator import _hf_logprobs
+    from transport.weights import make_transport
 
     model_dir = build_default_model(ModelConfig(warm_start_steps=0), max_operand=4,
                                     cache_dir=tmp_path_factory.mktemp("untrained"))
     cfg = ActorConfig(n=8, max_tokens=40, weight_update_mode="in_flight")
-    transport = ObjectStoreTransport()
+    transport = make_transport(transport_name, "")
     buffer = make_buffer_actor(BufferConfig(max_staleness=10), groups_per_step=len(PROMPTS), run_dir=None)
     actor = make_rollout_actor(cfg, "inflight-ray", model_path=model_dir, max_model_len=64, buffer=buffer,
                                transport=transport, fetch_timeout_s=30)
     try:
         assert ray.get(actor.version.remote(), timeout=300) == 0
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        old = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         torch.manual_seed(1)
         with torch.no_grad():
             for p in model.parameters():
@@ -246,6 +251,11 @@ def test_rollout_actor_applies_offered_weights_during_a_request(ray_cluster, tmp
             k = r.token_versions.count(0)
             assert r.token_versions == [0] * k + [1] * (len(r.token_versions) - k)
             assert r.policy_version == min(r.token_versions)
+        worst = 0.0
+        for r, lp_old, lp_new in zip(rows, _hf_logprobs(old, rows, cfg.temperature), _hf_logprobs(model, rows, cfg.temperature)):
+            ref = torch.where(torch.tensor(r.token_versions) == 0, lp_old, lp_new)
+            worst = max(worst, float((torch.tensor(r.behaviour_logprobs) - ref).abs().max()))
+        assert worst < 1e-4, f"log-probs differ from transformers' (old weights before the swap, new after) by {worst}"
         spanning = sum(0 < r.token_versions.count(0) < len(r.token_versions) for r in rows)
         print(f"rollout actor: {spanning}/{len(rows)} responses span the update; offer_weights {offer_s:.3f}s")
         assert spanning > 0, "no response spans the update"
@@ -253,3 +263,5 @@ def test_rollout_actor_applies_offered_weights_during_a_request(ray_cluster, tmp
     finally:
         ray.get(actor.close.remote(), timeout=60)
         ray.kill(actor)
+        if hasattr(transport, "close"):
+            transport.close()

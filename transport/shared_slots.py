@@ -6,6 +6,9 @@ model holds its parameters (q/k/v and gate/up fused, the vocabulary padded), and
 its parameters at views of that file — no copy on the generator's side at all (it needs the plain CPU layout,
 `actors.cpu_weight_layout: plain`, the default). One host only: the learner and every generator share /dev/shm.
 
+The generator's engine maps the slot itself: in the rollout actor's process (the synchronous engine) or in vLLM's
+engine process (in-flight updates, `RelayWorkerExtension.relay_attach_slot`); the actor holds the lock either way.
+
 Safety comes from file locks, which the kernel drops when a process dies:
 - a generator holds a shared lock on the slot it serves; the learner writes only slots it can lock exclusively,
   so it never changes weights under a running generator, and a slot comes free once every generator moved on;
@@ -216,7 +219,7 @@ class SharedMemorySlotTransport(WeightTransport):
                 raise RuntimeError(f"weights version {handle.version}: slot {slot.path} holds older version {version}")
             if version <= generator.version:
                 raise _Stale()
-            generator.attach_weights(version, [(r["name"], slot.view(r)) for r in layout["regions"]])
+            generator.attach_slot(version, slot, layout)
         except _Stale:
             slot.unlock()
             return
