@@ -8,6 +8,7 @@ refused and a writer that never lets go times out naming the slot.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -28,7 +29,10 @@ def generator(tiny_model_dir):
     from actors.generator import Generator
 
     cfg = ActorConfig(n=4, max_tokens=6, temperature=0.8, top_k=0, enable_prefix_caching=True)
-    return Generator(cfg, tiny_model_dir, "gen-s", max_model_len=64, engine_kwargs={"block_size": 32})
+    gen = Generator(cfg, tiny_model_dir, "gen-s", max_model_len=64, engine_kwargs={"block_size": 32})
+    yield gen
+    del gen  # torn down now, not whenever the garbage collector runs (vLLM's teardown destroys the process group)
+    gc.collect()
 
 
 @pytest.fixture()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -288,9 +289,6 @@ class SharedMemorySlotTransport(WeightTransport):
         raise RuntimeError(f"weights version {handle.version}: the shared_memory transport is served in place "
                            "(RolloutActor calls apply), not fetched as tensors")
 
-    def nbytes(self) -> int:
-        return self._layout["nbytes"] if self._layout else 0
-
     def close(self) -> None:
         import shutil
 
@@ -315,10 +313,9 @@ class SharedMemorySlotTransport(WeightTransport):
         for path in sorted(glob.glob(os.path.join(self.dir, "slot-*.bin"))):
             if path != self._last and (slot := self._slot(path, nbytes)).try_lock(exclusive=True):
                 return slot
-        while True:
-            path = os.path.join(self.dir, f"slot-{len(glob.glob(os.path.join(self.dir, 'slot-*.bin'))):04d}.bin")
+        for i in itertools.count(len(glob.glob(os.path.join(self.dir, "slot-*.bin")))):
             try:
-                slot = self._slot(path, nbytes, create=True)
+                slot = self._slot(os.path.join(self.dir, f"slot-{i:04d}.bin"), nbytes, create=True)
             except FileExistsError:
                 continue
             if slot.try_lock(exclusive=True):
