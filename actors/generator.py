@@ -88,9 +88,7 @@ class Generator:
         tensors = list(named_tensors)  # may raise (timeout, dead peer): nothing has been applied yet
         if not tensors:
             raise ValueError(f"generator {self.id}: weights version {version} holds no tensors")
-        if self._shared:  # a copy into place would write into a slot the learner and other generators share
-            raise RuntimeError(f"generator {self.id} serves its weights from a shared-memory slot; load version "
-                               f"{version} through the same transport")
+        self._refuse_if_shared(version)
         if self.in_place:
             self._updating = True
             self.llm.collective_rpc(load_in_place, args=(tensors,))
@@ -99,6 +97,12 @@ class Generator:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
         self.version = version
+
+    def _refuse_if_shared(self, version: int) -> None:
+        """A copy into place would write into a slot the learner and other generators share."""
+        if self._shared:
+            raise RuntimeError(f"generator {self.id} serves its weights from a shared-memory slot; load version "
+                               f"{version} through the same transport")
 
     def weight_layout(self) -> dict:
         """How this engine holds its parameters, for weights written straight into its layout (shared-memory

@@ -223,9 +223,7 @@ class InflightGenerator(Generator):
     def load_weights(self, version: int, named_tensors) -> None:
         """Apply a whole version now, also in the middle of a running `generate`: tokens sampled after
         this returns are from `version`, tokens before from the previous one."""
-        if self._shared:
-            raise RuntimeError(f"generator {self.id} serves its weights from a shared-memory slot; load version "
-                               f"{version} through the same transport")
+        self._refuse_if_shared(version)
         with self._load_lock:
             path = _write_safetensors(named_tensors)
             try:

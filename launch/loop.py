@@ -77,10 +77,10 @@ class Launcher:
         self.eval_prompts = load_prompts(cfg.data.eval, cfg.data.max_operand).prompts if cfg.data.eval else []
         # a push transport's trainer side lives on learner rank 0 (NCCL needs its GPU); it is connected in run()
         self.push = cfg.weights.transport in PUSH_TRANSPORTS
-        self.transport = None if self.push else make_transport(cfg.weights.transport, str(run_dir))
         if cfg.weights.transport == "shared_memory" and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
             raise ValueError("weights.transport=shared_memory needs the learner and every generator on one host, and "
                              "this Ray cluster has several nodes: use object_store")
+        self.transport = None if self.push else make_transport(cfg.weights.transport, str(run_dir))
         self.buffer = make_buffer_actor(cfg.buffer, cfg.learner.groups_per_step, str(run_dir))
         self.ranks = make_learner_ranks(cfg.learner, model_path=model_path, group_size=cfg.actors.n,
                                         temperature=cfg.actors.temperature, transport=self.transport)

@@ -42,7 +42,6 @@ class WeightTransport(ABC):
     name: str
     deferred = False  # True: a learner rank calls `write` on its second thread and the handle carries its result
 
-
     @abstractmethod
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> WeightHandle:
         """Hand full weights to the transport and return at once."""
