@@ -100,8 +100,8 @@ def measure(transport_name: str, model_path: str, repeats: int, copy_bytes: int)
             # as in a run: the learner trains the next batch while the version travels
             _, publish2_s, _, total2, training = sync_once(rank, actor, batch)
             waited = ray.get(training)["metrics"]["weight_sync_wait_s"]
-            written = ray.get(handle.payload)  # shared_memory: where and how long the learner's copy took
-            write_s = {"write_s": round(written["write_s"], 4)} if isinstance(written, dict) and "write_s" in written else {}
+            # shared_memory: how long the learner's copy into the slot took (the object store's ref holds the weights)
+            write_s = {"write_s": round(ray.get(handle.payload)["write_s"], 4)} if handle.transport == "shared_memory" else {}
             samples.append({"bytes": handle.nbytes, "publish_s": round(publish_s, 4), "fetch_load_s": round(load_s, 4), **write_s,
                             "total_s": round(total, 4), "sync_bytes_per_s": round(handle.nbytes / total),
                             "memcpy_bytes_per_s": round(copy_bw), "training_publish_s": round(publish2_s, 4),

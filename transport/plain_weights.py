@@ -80,7 +80,7 @@ def point_at(worker, views: list[tuple[str, torch.Tensor]]) -> int:
     return len(params)
 
 
-def layout_of(worker, checkpoint: dict[str, torch.Tensor]) -> dict:
+def layout_of(worker, checkpoint) -> dict:
     """The shared-memory slot layout of a vLLM worker's model, checked against the checkpoint it loaded."""
     from transport.shared_slots import vllm_layout
 

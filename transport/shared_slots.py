@@ -54,12 +54,12 @@ class LayoutError(ValueError):
 
 
 # ---- layout (generator side, from the live vLLM model) ----------------------------------------------------------
-def vllm_layout(model: torch.nn.Module, checkpoint: dict[str, torch.Tensor]) -> dict:
+def vllm_layout(model: torch.nn.Module, checkpoint) -> dict:
     """Where each parameter of a vLLM model sits in a slot, and which checkpoint tensors fill it.
 
     A fused parameter (the model's `packed_modules_mapping`, e.g. qkv_proj <- q_proj, k_proj, v_proj) holds its
     parts' rows one after another; any rows after the parts (vocabulary padding) stay zero. `checkpoint` is what
-    the model was loaded from: every parameter must equal its parts, or this raises (vLLM transformed the
+    the model was loaded from (anything with `get(name)`): every parameter must equal its parts, or this raises (vLLM transformed the
     weights in a way a slot cannot reproduce)."""
     fused = getattr(type(model), "packed_modules_mapping", {}) or {}
     regions, offset = [], HEADER
@@ -92,10 +92,29 @@ def vllm_layout(model: torch.nn.Module, checkpoint: dict[str, torch.Tensor]) -> 
     return layout
 
 
-def read_checkpoint(model_path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a local (or cached hub) safetensors checkpoint."""
-    from safetensors.torch import load_file
+class _Checkpoint:
+    """The tensors of a safetensors checkpoint, each read when asked for: checking a layout never holds the whole
+    checkpoint in memory beside the engine's own copy."""
 
+    def __init__(self, files: list[str]):
+        from safetensors import safe_open
+
+        self.where = {}
+        for f in files:
+            with safe_open(f, framework="pt") as h:
+                self.where.update(dict.fromkeys(h.keys(), f))
+
+    def get(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self.where:
+            return None
+        with safe_open(self.where[name], framework="pt") as h:
+            return h.get_tensor(name)
+
+
+def read_checkpoint(model_path: str) -> _Checkpoint:
+    """A local (or cached hub) safetensors checkpoint, read tensor by tensor."""
     directory = model_path
     if not os.path.isdir(directory):
         from huggingface_hub import snapshot_download
@@ -104,10 +123,7 @@ def read_checkpoint(model_path: str) -> dict[str, torch.Tensor]:
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
         raise LayoutError(f"{model_path}: no safetensors files to check the shared-memory layout against")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(f))
-    return out
+    return _Checkpoint(files)
 
 
 # ---- one slot file, mapped once per process ---------------------------------------------------------------------
