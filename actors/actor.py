@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import Counter
 import time
+from collections import Counter
 
 import ray
 
 from actors.config import ActorConfig
+from actors.engines import actor_seed
 from actors.generator import GenerationResult, Generator, Prompt
-from actors.inflight import InflightGenerator
-from transport.weights import WeightHandle, WeightTransport
+from common.seeding import seed_everything
+from transport.base import WeightHandle, WeightTransport
 
 
 class RolloutActor:
@@ -22,15 +23,15 @@ class RolloutActor:
     def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int,
                  buffer, transport: WeightTransport | None, fetch_timeout_s: float, version: int = 0,
                  weight_transfer_backend: str | None = None):
-        if cfg.weight_update_mode == "in_flight":
-            self.gen = InflightGenerator(cfg, model_path, generator_id, max_model_len, version)
-        else:  # a push transport (nccl, relay_cpu) needs vLLM's weight-transfer engine configured at build time
-            self.gen = Generator(cfg, model_path, generator_id, max_model_len, version, weight_transfer_backend)
+        # Python/NumPy/torch draws here (user reward code, tie-breaking) follow the run's seed, distinct per actor
+        # like the engine's own sampling seed (actors/engines.py)
+        seed_everything(actor_seed(cfg, generator_id))
+        # the engine follows cfg.weight_update_mode: synchronous (push transports allowed), or async for in_flight
+        self.gen = Generator(cfg, model_path, generator_id, max_model_len, version, weight_transfer_backend)
         self.buffer, self.transport, self.fetch_timeout_s = buffer, transport, fetch_timeout_s
         self._sync_lock = threading.Lock()  # in_flight: generate's sync and offer_weights run on two threads
-        self._offered: WeightHandle | None = None  # between_batches: the newest offer, applied at the next request
-        if transport is not None and transport.name == "shared_memory":  # the learner writes in this engine's layout
-            transport.register_layout(self.gen.weight_layout())
+        if transport is not None:
+            transport.attach(self.gen)
 
     def sync(self, handle: WeightHandle | None) -> float:
         """Apply `handle` if it is newer than what this engine serves; intermediate versions are simply never fetched."""
@@ -42,29 +43,22 @@ class RolloutActor:
             return time.perf_counter() - t0
 
     def offer_weights(self, handle: WeightHandle) -> float:
-        """A newly published version. in_flight: applied now, also in the middle of a running `generate`
-        (tokens sampled after the swap record `handle.version`); returns the seconds spent. between_batches:
-        kept and applied when the next request starts; returns 0."""
-        if self.gen.cfg.weight_update_mode == "in_flight":
-            return self.sync(handle)
-        if self._offered is None or handle.version > self._offered.version:
-            self._offered = handle
-        return 0.0
+        """A newly published version, applied now: in_flight actors run this on a second thread, also in the
+        middle of a running `generate` (tokens sampled after the swap record `handle.version`). Returns the
+        seconds spent. Between batches the launcher hands the newest version over with each request instead."""
+        return self.sync(handle)
 
-    def generate(self, prompts: list[Prompt], handle: WeightHandle | None, put_timeout_s: float,
-                 request_id: str | None = None) -> GenerationResult:
-        """Sample, score and push one request's groups. The put carries `request_id`, so the buffer refuses a
-        second copy of a request the launcher re-issued after believing this actor dead."""
-        load_s = self.sync(_newest(handle, self._offered))
+    def generate(self, prompts: list[Prompt], handle: WeightHandle | None, request_id: str) -> GenerationResult:
+        """Sample, score and send one request's groups to the buffer, then return without waiting for the put:
+        this actor's next request samples while the buffer stores these. `result.put` is the put's ObjectRef,
+        which the launcher waits on as the request's acknowledgement. The put carries `request_id`, so the
+        buffer refuses a second copy of a request the launcher re-issued after believing this actor dead."""
+        load_s = self.sync(handle)
         result = self.gen.generate(prompts)
         result.load_s += load_s  # plus, in_flight, the time generation stood paused for swaps during the request
         if result.batch is not None:  # samples whose reward raised or was not finite: scored 0, counted by reason
             result.reward_faults = dict(Counter(x for x in result.batch.column("reward_info").to_pylist() if x))
-        if result.batch is not None or request_id is not None:
-            t0 = time.perf_counter()
-            put = self.buffer.put.remote(result.batch, None, request_id, result.skipped)
-            result.duplicate = ray.get(put, timeout=put_timeout_s) < 0
-            result.put_s = time.perf_counter() - t0
+        result.put = self.buffer.put.remote(result.batch, None, request_id, result.skipped)
         result.batch = None  # the rows went to the buffer; only the summary returns to the launcher
         return result
 
@@ -73,16 +67,12 @@ class RolloutActor:
         return {**self.gen.evaluate(prompts), "eval/policy_version": self.gen.version}
 
     def version(self) -> int:
+        """The version this engine serves (the benchmarks check that a sync landed)."""
         return self.gen.version
-
-    def progress(self) -> int:
-        """Response tokens the running request has sampled so far (in_flight only; 0 between_batches)."""
-        return sum(self.gen.progress().values()) if isinstance(self.gen, InflightGenerator) else 0
 
     def close(self) -> None:
         """Stop an in_flight engine's process before the actor is killed (it would leave /dev/shm segments)."""
-        if isinstance(self.gen, InflightGenerator):
-            self.gen.close()
+        self.gen.close()
 
     # Push transports: the learner's rank 0 drives these through vLLM's weight-transfer engine API. A single-threaded
     # actor runs one atomic update between two requests, never inside one.
@@ -95,11 +85,6 @@ class RolloutActor:
     def pid(self) -> int:
         """The worker process id (operators and fault-injection tests kill it from outside)."""
         return os.getpid()
-
-
-def _newest(*handles: WeightHandle | None) -> WeightHandle | None:
-    known = [h for h in handles if h is not None]
-    return max(known, key=lambda h: h.version) if known else None
 
 
 def make_rollout_actor(cfg: ActorConfig, generator: int | str, **kwargs):

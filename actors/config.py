@@ -36,7 +36,7 @@ class ActorConfig(BaseModel):
     enable_prefix_caching: bool = True
     """Reuse prompt KV blocks across the n samples; the cache is reset on every weight update."""
     seed: int = 0
-    """Base seed; each actor derives its own so actors do not draw the same samples."""
+    """Base seed; each actor derives its own so actors do not draw the same samples (defaults to the run's seed)."""
     weight_update_mode: Literal["between_batches", "in_flight"] = "between_batches"
     """When new weights reach an engine: between requests, or in_flight (pause, load, resume; per-token versions)."""
     cpu_weight_layout: Literal["plain", "packed"] = "plain"

@@ -1,4 +1,5 @@
-"""Async vs sync: learner steps per minute of the default job with staleness bound 2 against bound 0.
+"""Async vs sync: learner steps per minute of the default job with staleness bound 2 against bound 0; and
+`sync_overhead`: how much the synchronous schedule's control path adds to the work it schedules.
 
 Both are the same `Launcher` on the same config and resources (one rollout
 actor, one learner rank); only `buffer.max_staleness` differs, so bound 0 is
@@ -6,6 +7,12 @@ the synchronous schedule (generate, then train, alternately). The learner's idle
 fraction is 1 - (time inside its train_step and publish) / wall time, from
 `learner_step_s` and `weight_sync_s` in the run's metrics; both are taken
 between the first and the last step, so start-up is outside the window.
+
+`sync_overhead` = the sync run's wall time per step / (generation time + learner step time per step), from
+the same sync runs: generation is the actor's own time inside vLLM (`generate_s` in metrics.jsonl) and the
+learner's is `learner_step_s`. 1.0 would mean the loop, Ray calls, the buffer and the weight handover cost
+nothing; the rest is reported as the weight publish, the generator's weight load and what remains
+(Ray calls, the buffer, the launcher).
 
     .venv/bin/python -m benchmarks.async_sync [--quick]
 """
@@ -92,21 +99,41 @@ def measure(max_staleness: int, steps: int, quick: bool) -> dict:
     rate, idle = steady_rate(records, times)
     return {"max_staleness": max_staleness, "steps": summary["steps"], "wall_s": summary["wall_s"],
             "steps_per_min": round(rate, 2), "learner_idle_fraction": round(idle, 3),
-            "staleness_max": summary["staleness_max"], "reward_last": summary["reward_last"]}
+            "staleness_max": summary["staleness_max"], "reward_last": summary["reward_last"],
+            **step_parts(records, times)}
 
 
-def run(quick: bool) -> dict:
+def step_parts(records: list[dict], times: list[float]) -> dict:
+    """Seconds per step between the first and the last step, and the parts of it that are measured work."""
+    steps = records[1:]
+    mean = lambda key: sum(r.get(key) or 0.0 for r in steps) / len(steps)  # noqa: E731
+    step_s = (times[-1] - times[0]) / len(steps)
+    parts = {"step_s": step_s, "generate_s": mean("generate_s"), "learner_step_s": mean("learner_step_s"),
+             "weight_sync_s": mean("weight_sync_s"), "weight_load_s": mean("weight_load_s")}
+    parts["other_s"] = step_s - sum(v for k, v in parts.items() if k != "step_s")
+    return {k: round(v, 4) for k, v in parts.items()}
+
+
+def run(quick: bool) -> list[dict]:
     steps, repeats = (6, 1) if quick else (40, 2)
     samples = []
     for _ in range(repeats):  # interleaved, so drifting load on the machine hits both
         samples.append({"async": measure(2, steps, quick), "sync": measure(0, steps, quick)})
     value = statistics.median(s["async"]["steps_per_min"] for s in samples)
     baseline = statistics.median(s["sync"]["steps_per_min"] for s in samples)
-    return result("async_vs_sync", value, baseline, "learner steps/min", 1.3, samples,
-                  spread=spread([s["async"]["steps_per_min"] / s["sync"]["steps_per_min"] for s in samples]),
-                  learner_idle_fraction={k: statistics.median(s[k]["learner_idle_fraction"] for s in samples)
-                                         for k in ("async", "sync")},
-                  config={"job": "configs/default.yaml", "steps": steps, "async_max_staleness": 2, "sync_max_staleness": 0})
+    speed = result("async_vs_sync", value, baseline, "learner steps/min", 1.3, samples,
+                   spread=spread([s["async"]["steps_per_min"] / s["sync"]["steps_per_min"] for s in samples]),
+                   learner_idle_fraction={k: statistics.median(s[k]["learner_idle_fraction"] for s in samples)
+                                          for k in ("async", "sync")},
+                   config={"job": "configs/default.yaml", "steps": steps, "async_max_staleness": 2, "sync_max_staleness": 0})
+    syncs = [s["sync"] for s in samples]
+    work = [s["generate_s"] + s["learner_step_s"] for s in syncs]
+    overhead = result("sync_overhead", statistics.median(s["step_s"] for s in syncs), statistics.median(work),
+                      "s/step", 1.25, syncs, lower_is_better=True,
+                      spread=spread([s["step_s"] / w for s, w in zip(syncs, work)]),
+                      where={k: statistics.median(s[k] for s in syncs) for k in syncs[0] if k.endswith("_s")},
+                      config={"job": "configs/default.yaml", "steps": steps, "max_staleness": 0, "publish_every": 1})
+    return [speed, overhead]
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from benchmarks.common import VLLM_ENV, default_job_model, module_main, result, 
 from buffer.actor import make_buffer_actor
 from buffer.config import BufferConfig
 from launch.data import load_prompts
-from transport.weights import make_transport
+from transport.registry import make_transport
 
 MAX_MODEL_LEN = 64
 
@@ -38,11 +38,11 @@ class BareVLLM:
 
     def generate(self, requests: list[list[Prompt]]) -> tuple[int, float]:
         """(response tokens, seconds) over the requests, one `LLM.generate` each, as the rollout actor issues them."""
-        tok, params = self.gen.tokenizer, self.gen.sampling_params()
-        token_prompts = [[{"prompt_token_ids": tok(p.text, add_special_tokens=False)["input_ids"]} for p in r]
+        params = self.gen.sampling_params()
+        token_prompts = [[{"prompt_token_ids": self.gen.encode(p)} for p in r]
                          for r in requests]  # tokenising is outside the clock: the bare path starts from token ids
         t0 = time.perf_counter()
-        outs = [self.gen.llm.generate(tp, params, use_tqdm=False) for tp in token_prompts]
+        outs = [self.gen.engine.llm.generate(tp, params, use_tqdm=False) for tp in token_prompts]
         elapsed = time.perf_counter() - t0
         return sum(len(c.token_ids) for batch in outs for o in batch for c in o.outputs), elapsed
 
@@ -68,22 +68,29 @@ def start_actors(cfg: ActorConfig, model_path: str, count: int, buffer, transpor
 
 
 def relay_tokens_per_s(actors: list, requests: list[list[Prompt]], parts: dict | None = None) -> tuple[int, float]:
-    """(tokens, seconds) for the requests spread over the actors, each actor serving its share in turn; `parts`
-    collects where an actor's time went (summed over requests): generating (`gen_s`) and the buffer put (`put_s`)."""
+    """(tokens, seconds) for the requests spread over the actors, each actor serving its share in turn, until
+    the buffer acknowledged every put (as the launcher waits for them); `parts` collects where an actor's time
+    went (summed over requests): generating (`gen_s`) and waiting for acknowledgements after the last
+    generation returned (`ack_tail_s`, the only part of the puts not overlapped with sampling)."""
     t0 = time.perf_counter()
     pending = {a: requests[i :: len(actors)] for i, a in enumerate(actors)}
-    inflight = {a.generate.remote(pending[a].pop(0), None, 120.0): a for a in actors if pending[a]}
-    tokens = 0
+    ids = iter(range(10**9))
+    inflight = {a.generate.remote(pending[a].pop(0), None, f"bench-{next(ids)}"): a for a in actors if pending[a]}
+    tokens, acks = 0, []
     while inflight:
         [ref], _ = ray.wait(list(inflight), num_returns=1)
         actor = inflight.pop(ref)
         res = ray.get(ref)
         tokens += res.tokens
+        acks.append(res.put)
         if parts is not None:
             parts["gen_s"] = parts.get("gen_s", 0.0) + res.gen_s
-            parts["put_s"] = parts.get("put_s", 0.0) + res.put_s
         if pending[actor]:
-            inflight[actor.generate.remote(pending[actor].pop(0), None, 120.0)] = actor
+            inflight[actor.generate.remote(pending[actor].pop(0), None, f"bench-{next(ids)}")] = actor
+    t_gen = time.perf_counter()
+    ray.get(acks)
+    if parts is not None:
+        parts["ack_tail_s"] = parts.get("ack_tail_s", 0.0) + time.perf_counter() - t_gen
     return tokens, time.perf_counter() - t0
 
 

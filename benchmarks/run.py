@@ -25,13 +25,13 @@ SUITE = (
     ("benchmarks.scaling", ("rollout_scaling",)),
     ("benchmarks.weight_sync", ("weight_sync_vs_memcpy", "learner_blocked_fraction")),
     ("benchmarks.learner", ("learner_vs_bare_torch",)),
-    ("benchmarks.async_sync", ("async_vs_sync",)),
+    ("benchmarks.async_sync", ("async_vs_sync", "sync_overhead")),
     ("benchmarks.trl_e2e", ("e2e_vs_trl_grpo",)),
 )
 UNITS = {"buffer_vs_ray_queue": ("groups/s", 5.0), "rollout_vs_bare_vllm": ("tokens/s", 0.9),
          "rollout_scaling": ("tokens/s", None), "weight_sync_vs_memcpy": ("bytes/s", 0.5),
          "learner_blocked_fraction": ("s", 0.1), "learner_vs_bare_torch": ("tokens/s", 0.85),
-         "async_vs_sync": ("learner steps/min", 1.3), "e2e_vs_trl_grpo": ("samples/s", 2.0)}
+         "async_vs_sync": ("learner steps/min", 1.3), "sync_overhead": ("s/step", 1.25), "e2e_vs_trl_grpo": ("samples/s", 2.0)}
 
 
 def run_suite(quick: bool, only: set[str] | None) -> tuple[list[dict], bool]:

@@ -33,7 +33,7 @@ from benchmarks.rollout import start_actors
 from buffer.testing import fake_group_fast
 from learner.actor import LearnerRank
 from learner.config import LearnerConfig
-from transport.weights import make_transport
+from transport.registry import make_transport
 
 
 class PublishingRank(LearnerRank):
@@ -110,8 +110,7 @@ def measure(transport_name: str, model_path: str, repeats: int, copy_bytes: int)
     finally:
         ray.kill(rank)
         ray.kill(actor)
-        if hasattr(transport, "close"):
-            transport.close()
+        transport.close()
     return samples
 
 

@@ -38,10 +38,8 @@ class BufferConfig(pydantic.BaseModel, extra="forbid"):
     """How far (in groups served) the limiter lets samples run ahead of or behind the ratio."""
     rate_window_s: float = Field(30.0, gt=0.0)
     """Window over which inserts_per_s and samples_per_s are measured."""
-    checkpoint_dirname: str = "buffer"
-    """Directory under run_dir that save()/load() use when no path is given."""
     seed: int = 0
-    """Seeds the uniform and prioritized samplers."""
+    """Seeds the uniform and prioritized samplers (defaults to the run's seed)."""
 
     @pydantic.model_validator(mode="after")
     def _spi_within_reuse(self) -> "BufferConfig":

@@ -63,15 +63,12 @@ class ReplayBuffer:
 
     # ---- generator side -------------------------------------------------------------------------
 
-    def try_admit(self, n_groups: int) -> bool:
-        """Whether a generator may start n_groups more groups now (counts them if so); False = wait."""
+    def try_admit(self, n_groups: int, learner_version: int) -> bool:
+        """Whether a generator may start n_groups more groups now that the learner has taken `learner_version`
+        steps (counts them if so); False = wait for a later version or a release."""
         with self._cond:
+            self._advance(learner_version)
             return self._admission.try_admit(n_groups, self._learner_version)
-
-    def admit(self, n_groups: int, timeout: float | None = None) -> bool:
-        """try_admit that waits (until set_learner_version makes room) up to timeout seconds."""
-        with self._cond:
-            return self._wait(lambda: self._admission.try_admit(n_groups, self._learner_version), timeout, "admit")
 
     def release(self, n_groups: int) -> None:
         """Give back admission slots of groups that will never arrive (actor died, prompts skipped)."""
@@ -184,12 +181,6 @@ class ReplayBuffer:
 
     # ---- learner side ---------------------------------------------------------------------------
 
-    def set_learner_version(self, version: int) -> None:
-        """The learner finished `version` steps; wakes generators waiting for admission."""
-        with self._cond:
-            self._learner_version = max(self._learner_version, int(version))
-            self._cond.notify_all()
-
     def sample(self, n_groups: int, learner_version: int, timeout: float | None = None) -> pa.RecordBatch | None:
         """n_groups whole groups as ONE record batch (rows of a group contiguous); None on timeout.
 
@@ -199,8 +190,7 @@ class ReplayBuffer:
         if not 1 <= n_groups <= self.cfg.capacity_groups:
             raise ValueError(f"n_groups must be in [1, capacity_groups={self.cfg.capacity_groups}], got {n_groups}")
         with self._cond:
-            self._learner_version = max(self._learner_version, int(learner_version))
-            self._cond.notify_all()
+            self._advance(learner_version)
             if not self._wait(lambda: self._can_sample(n_groups), timeout, "sample"):
                 return None
             chosen = sampler.choose(list(self._groups.values()), n_groups, self.cfg, self._rng)
@@ -238,6 +228,14 @@ class ReplayBuffer:
         return entry.batch
 
     # ---- shared ---------------------------------------------------------------------------------
+
+    def _advance(self, learner_version: int) -> None:
+        """The buffer has no clock of its own: it learns the learner's step from the calls that carry it
+        (`try_admit`, `sample`) and keeps the newest, for the staleness checks of later puts."""
+        if learner_version > self._learner_version:
+            self._learner_version = int(learner_version)
+            self._cond.notify_all()
+
 
     def _wait(self, ready, timeout: float | None, side: str) -> bool:
         """Condition.wait_for that accounts the blocked time to `side`; call with the lock held."""
@@ -281,7 +279,7 @@ class ReplayBuffer:
             return path
         if self.run_dir is None:
             raise ValueError("ReplayBuffer.save/load: no path given and the buffer has no run_dir")
-        return os.path.join(self.run_dir, self.cfg.checkpoint_dirname)
+        return os.path.join(self.run_dir, "buffer")
 
     def save(self, path: str | None = None) -> None:
         """Write held groups, parts of groups and counters under path (default run_dir/buffer), atomically."""

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.config import ActorConfig
 from buffer.config import BufferConfig
 from learner.config import LearnerConfig
+from transport.registry import TRANSPORTS, pushes
 
 
 class ConfigError(ValueError):
@@ -41,7 +42,7 @@ class ModelConfig(BaseModel):
     warm_start_correct_fraction: float = Field(1.0, ge=0, le=1)
     """Fraction of warm-start answers that are right (the rest random); a short warm start leaves most of the table to RL."""
     seed: int = 0
-    """Tiny default model: initialisation and warm-start seed."""
+    """Tiny default model: initialisation and warm-start seed (defaults to the run's seed)."""
 
 
 class DataConfig(BaseModel):
@@ -56,7 +57,7 @@ class DataConfig(BaseModel):
     max_operand: int = Field(9, ge=1)
     """synthetic:arithmetic: operands range over 0..max_operand."""
     seed: int = 0
-    """Prompt order seed."""
+    """Prompt order seed (defaults to the run's seed)."""
 
 
 class WeightSyncConfig(BaseModel):
@@ -98,7 +99,8 @@ class RunConfig(BaseModel):
     output_dir: str = "runs"
     """Where run directories are created."""
     seed: int = 0
-    """Global seed."""
+    """Global seed: seeds the launcher process, and is the `seed` of model, data, actors, buffer and learner
+    wherever one of those is not set explicitly."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     actors: ActorConfig = ActorConfig()
@@ -112,6 +114,17 @@ class RunConfig(BaseModel):
     """Show a progress bar."""
     wandb: bool = False
     """Also log every metric to Weights & Biases, offline, under the run directory (needs the `wandb` extra)."""
+
+    @model_validator(mode="after")
+    def _component_seeds_default_to_the_run_seed(self) -> "RunConfig":
+        # Here rather than in `validate`, so every RunConfig (YAML, overrides, a resumed config.yaml, a test's
+        # RunConfig(seed=7)) resolves the same way; copies, so a shared default instance is never changed.
+        # A resumed run reads its resolved seeds back from config.yaml, so it keeps the seeds it started with.
+        for name in ("model", "data", "actors", "buffer", "learner"):
+            component = getattr(self, name)
+            if "seed" not in component.model_fields_set:
+                setattr(self, name, component.model_copy(update={"seed": self.seed}))
+        return self
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -187,9 +200,10 @@ def validate(cfg: RunConfig) -> None:
     for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if source and not source.startswith("synthetic:") and not Path(source).is_file():
             raise ConfigError(f"config key {key!r}: dataset file {source} does not exist")
-    if A.weight_update_mode == "in_flight" and cfg.weights.transport not in ("object_store", "shared_memory", "disk"):
-        raise ConfigError(f"config key 'actors.weight_update_mode': in_flight works with weights.transport object_store, "
-                          f"shared_memory or disk, not {cfg.weights.transport!r} (a push transport is not wired to pause/resume)")
+    if A.weight_update_mode == "in_flight" and pushes(cfg.weights.transport):
+        pull = ", ".join(n for n in TRANSPORTS if not pushes(n))
+        raise ConfigError(f"config key 'actors.weight_update_mode': in_flight works with weights.transport {pull}, "
+                          f"not {cfg.weights.transport!r} (a push transport is not wired to pause/resume)")
     if cfg.weights.transport == "shared_memory" and A.num_gpus > 0:
         raise ConfigError("config key 'weights.transport': shared_memory serves generators on CPU; with "
                           "actors.num_gpus > 0 use nccl (or object_store)")

@@ -103,6 +103,18 @@ class RolloutFleet:
         else:
             slot.state = "idle"
 
+    def offer_weights(self, handle) -> dict:
+        """Hand `handle` to every live actor now (in-flight updates); returns {ObjectRef: generator id}."""
+        return {s.actor.offer_weights.remote(handle): s.generator_id
+                for s in self.slots.values() if s.state in ("idle", "busy")}
+
+    def on_idle(self, index: int) -> None:
+        """A call that was not a generation request (an evaluation) finished on the actor of `index`."""
+        if self.slots[index].state == "retiring":
+            self._remove(index)
+        else:
+            self.slots[index].state = "idle"
+
     def on_failure(self, index: int, error: BaseException) -> None:
         """Replace the actor of `index` (kill it first: a stuck one must not push late results)."""
         slot = self.slots[index]

@@ -1,418 +1,300 @@
 """The one training loop: sync and async are settings (buffer.max_staleness), not two loops.
 
-The launcher is an event loop over Ray futures. It hands prompt requests to idle
-rollout actors when the buffer admits them (the staleness bound), starts a
-learner step whenever the learner is idle (its batch is an ObjectRef of the
-buffer's sample, resolved by Ray in the learner, never in this process), and
-passes the newest weight handle with every generation request, so generators
-pick up new weights at their next request without the learner waiting.
+An event loop over Ray futures (launch/calls.py): admission, generation, the buffer's acknowledgement of each
+put, learner steps, evaluation and actor start-up are calls with deadlines behind one `ray.wait`, so nothing
+on the hot path blocks on one actor. The learner steps whenever it is idle (its batch is an ObjectRef of the
+buffer's sample, resolved in the learner, never here); idle rollout actors get admitted requests with the
+newest weight handle and apply it at their next request, so the learner never waits for them. An actor sends
+its groups to the buffer itself and returns without waiting for the put, so it samples its next request
+while the buffer stores the last; the launcher waits for the acknowledgement instead.
 
-It also keeps the run alive and honest: a rollout actor that dies or overruns
-`ray.rpc_timeout_s` is killed, replaced and its request re-issued under the same
-id (the buffer refuses a second copy); the fleet follows `<run dir>/control.json`
-(written by `python -m launch.scale`); checkpoints every
-`learner.checkpoint_every` steps make `--resume` continue exactly; and a ledger
-accounts for every prompt group dispatched.
+Runs stay alive and honest: a rollout actor that dies or overruns `ray.rpc_timeout_s` is replaced and its
+request re-issued under the same id unless the buffer recorded it (the buffer refuses a second copy); the
+fleet follows control.json; checkpoints hold the whole `RunState`, so `--resume` continues exactly; and a
+ledger accounts for every prompt group dispatched.
 """
 from __future__ import annotations
 
-import json
 import time
-from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from collections import deque
 from pathlib import Path
 
 import ray
 
 from actors.actor import make_rollout_actor
-from actors.generator import GenerationResult, Prompt
-from buffer.actor import make_buffer_actor
+from actors.generator import GenerationResult
 from launch import checkpoint
+from launch.calls import Call, Calls
 from launch.config import RunConfig
-from launch.data import PromptStream, load_prompts
-from launch.fleet import RolloutFleet
-from launch.ledger import ledger, summarize
 from launch.metrics import MetricsLog, read_history
-from learner.actor import make_learner_ranks
-from transport.weights import PUSH_TRANSPORTS, WeightHandle, make_transport
+from launch.run_parts import RunParts, learner_died, step_record
+from launch.state import Request, RunState, Throughput
+from transport.base import WeightHandle
 
-CONTROL = "control.json"  # {"rollout_actors": N}: the live fleet size, written by launch.scale
-
-
-@dataclass
-class Request:
-    """One generation request: the unit of admission, dispatch and re-issue."""
-
-    id: str
-    prompts: list[Prompt]
-    actor: int = -1
-    dispatched_at: float = 0.0
-    attempts: int = 0
-    offered_version: int = 0  # the newest weights the request was sent with
-
-
-@dataclass
-class Throughput:
-    """Generation counted between two learner steps."""
-
-    rows: int = 0
-    tokens: int = 0
-    since: float = field(default_factory=time.perf_counter)
-
-    def take(self) -> tuple[float, float]:
-        dt = max(time.perf_counter() - self.since, 1e-9)
-        out = (self.rows / dt, self.tokens / dt)
-        self.rows, self.tokens, self.since = 0, 0, time.perf_counter()
-        return out
+FINISHING = ("generate", "ack", "recorded", "evaluate")  # calls the end of a run waits for
 
 
 class Launcher:
     """Starts every component of a run and drives it to `learner.total_steps`; `resume=True` continues a run."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str, resume: bool = False):
-        self.cfg, self.run_dir, self.model_path = cfg, run_dir, model_path
-        prompt_set = load_prompts(cfg.data.train, cfg.data.max_operand)
-        self.skipped: Counter[str] = Counter(prompt_set.skipped)
-        self.stream = PromptStream(prompt_set.prompts, cfg.data.seed)
-        self.eval_prompts = load_prompts(cfg.data.eval, cfg.data.max_operand).prompts if cfg.data.eval else []
-        # a push transport's trainer side lives on learner rank 0 (NCCL needs its GPU); it is connected in run()
-        self.push = cfg.weights.transport in PUSH_TRANSPORTS
-        if cfg.weights.transport == "shared_memory" and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
-            raise ValueError("weights.transport=shared_memory needs the learner and every generator on one host, and "
-                             "this Ray cluster has several nodes: use object_store")
-        self.transport = None if self.push else make_transport(cfg.weights.transport, str(run_dir))
-        self.buffer = make_buffer_actor(cfg.buffer, cfg.learner.groups_per_step, str(run_dir))
-        self.ranks = make_learner_ranks(cfg.learner, model_path=model_path, group_size=cfg.actors.n,
-                                        temperature=cfg.actors.temperature, transport=self.transport)
-        self.version, self.policy_version, self.handle = 0, 0, None
-        self.serving_path = model_path  # what a freshly started generator loads
-        self.pending: deque[Request] = deque()  # admitted requests waiting for an actor (re-issues first)
-        self.inflight: dict = {}  # ObjectRef -> Request
-        self.offers: dict = {}  # in_flight mode: ObjectRef of offer_weights -> generator id
-        self.request_seq, self.groups_dispatched, self.reissued = 0, 0, 0
-        self.trained: Counter[str] = Counter()
-        self.reward_faults: Counter[str] = Counter()
-        self.last_load_s = 0.0
-        self.throughput = Throughput()
+        self.cfg, self.run_dir = cfg, run_dir
+        self.parts = RunParts(cfg, run_dir, model_path)  # buffer, learner ranks, transport, prompts
+        self.buffer, self.ranks, self.transport = self.parts.buffer, self.parts.ranks, self.parts.transport
+        self.state = RunState(skipped=self.parts.skipped, rollout_actors=cfg.actors.num_actors)
+        self.handle: WeightHandle | None = None  # the newest published weights
+        self.start_step, self.serving_path, self.resumed_from = 0, model_path, None
+        self.calls = Calls()
+        self.queue: deque[str] = deque()  # admitted requests waiting for an actor (re-issues first)
+        self.learning: list = []  # the learner ranks' ObjectRefs of the step under way
+        self.eval_due: int | None = None  # the step whose held-out evaluation waits for an idle actor
+        self.refused_at: tuple | None = None  # (step, releases, time) sent with the last refused admission
+        self.releases, self.last_load_s, self.throughput, self.stop_requested = 0, 0.0, Throughput(), False
+        self.handlers = {"ready": lambda ref, call: self.fleet.on_ready(call.data), "admit": self._on_admit, "generate": self._on_generate,
+                         "ack": self._on_ack, "recorded": self._on_recorded, "learn": self._on_learn,
+                         "evaluate": self._on_evaluate, "offer": self._on_offer}
         if resume:
             self._restore(checkpoint.latest(run_dir))
-        self.fleet = RolloutFleet(self._new_actor, cfg.actors.max_failures)
-        self.fleet_target = cfg.actors.num_actors
-        (run_dir / CONTROL).unlink(missing_ok=True)  # a stale request from a previous process must not resize us
-        self._control_mtime, self.stop_requested = 0.0, False
-        self.fleet.scale_to(self.fleet_target)
+        self.fleet = self.parts.fleet(self._new_actor)
+        self.fleet.scale_to(self.state.rollout_actors)
+
+    @property
+    def policy_version(self) -> int:
+        """The newest published version, else the weights a fresh generator loads (the start, or a checkpoint)."""
+        return self.handle.version if self.handle is not None else self.start_step
 
     def _new_actor(self, generator_id: str):
         return make_rollout_actor(self.cfg.actors, generator_id, model_path=self.serving_path,
                                   max_model_len=self.cfg.model.max_model_len, buffer=self.buffer,
                                   transport=self.transport, fetch_timeout_s=self.cfg.weights.timeout_s,
-                                  version=self.policy_version,
-                                  weight_transfer_backend=self.cfg.weights.transport if self.push else None)
+                                  version=self.policy_version, weight_transfer_backend=self.parts.push_backend)
 
-    # ---- dispatch -----------------------------------------------------------------------------
-    def _admit_new_requests(self, n_idle: int) -> None:
-        P = self.cfg.actors.prompts_per_request
-        while len(self.pending) < n_idle and ray.get(self.buffer.try_admit.remote(P), timeout=self.cfg.ray.rpc_timeout_s):
-            self.pending.append(Request(f"req-{self.request_seq:09d}", self.stream.take(P)))
-            self.request_seq += 1
-            self.groups_dispatched += P
+    # ---- scheduling: start whatever can start now; completions: handle whatever finished -----------
+    def _watch_starting(self) -> None:
+        for ref, index in self.fleet.starting_refs().items():
+            if not self.calls.knows(ref):
+                self.calls.add(ref, "ready", self.cfg.ray.startup_timeout_s, index)
 
-    def _dispatch_generation(self) -> None:
-        idle = self.fleet.idle()
-        self._admit_new_requests(len(idle))
-        while idle and self.pending:
-            req, i = self.pending.popleft(), idle.pop(0)
-            req.actor, req.dispatched_at, req.attempts = i, time.monotonic(), req.attempts + 1
-            req.offered_version = self.policy_version
-            ref = self.fleet.busy(i).generate.remote(req.prompts, self.handle, self.cfg.ray.rpc_timeout_s, req.id)
-            self.inflight[ref] = req
+    def _schedule(self) -> None:
+        self._watch_starting()
+        if not self.learning:
+            self._start_learning()
+        self._start_eval()
+        self._dispatch()
+        if self.fleet.idle() and not self.calls.has("admit") and self._admission_may_open():
+            P, asked = self.cfg.actors.prompts_per_request, (self.state.step, self.releases, time.monotonic())
+            self.calls.add(self.buffer.try_admit.remote(P, self.state.step), "admit", self.cfg.ray.rpc_timeout_s, asked)
 
-    def _dispatch_learning(self) -> list:
-        L = self.cfg.learner
-        batch = self.buffer.sample.remote(L.groups_per_step, self.version, L.sample_timeout_s)
-        next_step = self.version + 1
-        publish = next_step % L.publish_every == 0 and next_step < L.total_steps
-        self.learning_since = time.monotonic()
-        return [rank.train_step.remote(batch, publish) for rank in self.ranks]
+    def _dispatch(self) -> None:
+        for i in self.fleet.idle()[:len(self.queue)]:
+            req = self.state.requests[self.queue.popleft()]
+            req.actor, req.attempts, req.offered_version = i, req.attempts + 1, self.policy_version
+            ref = self.fleet.busy(i).generate.remote(req.prompts, self.handle, req.id)
+            self.calls.add(ref, "generate", self.cfg.ray.rpc_timeout_s, req)
 
-    # ---- completion ---------------------------------------------------------------------------
-    def _on_generation_done(self, ref) -> None:
-        req = self.inflight.pop(ref)
+    def _admission_may_open(self) -> bool:
+        """After a refusal, ask again once the learner stepped or groups were given back (the buffer also frees
+        slots when it drops stale groups, which only it sees: hence also once a second)."""
+        if self.refused_at is None:
+            return True
+        step, releases, at = self.refused_at
+        return (step, releases) != (self.state.step, self.releases) or time.monotonic() - at > 1.0
+
+    def _start_eval(self) -> None:
+        """A due evaluation goes to an idle actor only: a busy one would answer after its request."""
+        if self.eval_due is not None and (idle := self.fleet.idle()):
+            ref = self.fleet.busy(idle[0]).evaluate.remote(self.parts.eval_prompts, self.handle)
+            self.calls.add(ref, "evaluate", self.cfg.ray.rpc_timeout_s, (idle[0], self.eval_due))
+            self.eval_due = None
+
+    def _start_learning(self) -> None:
+        L, step = self.cfg.learner, self.state.step
+        batch = self.buffer.sample.remote(L.groups_per_step, step, L.sample_timeout_s)
+        publish = (step + 1) % L.publish_every == 0 and step + 1 < L.total_steps
+        self.learning = [rank.train_step.remote(batch, publish) for rank in self.ranks]
+        self.calls.add(self.learning[0], "learn", self.cfg.ray.rpc_timeout_s + L.sample_timeout_s)
+
+    def _on_admit(self, ref, call: Call) -> None:
+        if ray.get(ref):
+            req = self.state.new_request(self.parts.stream.take(self.cfg.actors.prompts_per_request))
+            self.queue.append(req.id)
+            self.refused_at = None
+            self._dispatch()  # now: the run may end before the next turn, and admitted groups must not wait
+        else:
+            self.refused_at = call.data  # what the buffer was told when it said no
+
+    def _on_generate(self, ref, call: Call) -> None:
+        req: Request = call.data
         try:
-            result: GenerationResult = ray.get(ref, timeout=self.cfg.ray.rpc_timeout_s)
+            result: GenerationResult = ray.get(ref)
         except ray.exceptions.RayError as exc:
-            self._on_generation_failed(req, exc)
-            return
+            return self._generation_failed(req, exc)
         self.fleet.on_success(req.actor, result.version, req.offered_version)
-        if result.duplicate:
-            return  # the original already reached the buffer: nothing to count twice
-        missing = len(req.prompts) - result.groups
-        if missing:  # groups that will never arrive give their admission slots back
+        self.calls.add(result.put, "ack", self.cfg.ray.rpc_timeout_s, (req, result))
+
+    def _on_ack(self, ref, call: Call) -> None:
+        req, result = call.data
+        try:
+            stored = ray.get(ref)
+        except ray.exceptions.RayError:  # the actor that made the put died and took its answer with it
+            return self._ask_recorded(req, result)
+        self._close(req, result if stored >= 0 else None)  # < 0: a copy of this request was already stored
+
+    def _ask_recorded(self, req: Request, result: GenerationResult | None) -> None:
+        self.calls.add(self.buffer.has_request.remote(req.id), "recorded", self.cfg.ray.rpc_timeout_s, (req, result))
+
+    def _on_recorded(self, ref, call: Call) -> None:
+        req, result = call.data
+        if ray.get(ref):
+            self._close(req, result)
+        elif req.id in self.state.requests:  # lost with its actor: the same id again, so a late copy is refused
+            self.queue.appendleft(req.id)
+            self.state.reissued += 1
+
+    def _close(self, req: Request, result: GenerationResult | None) -> None:
+        """The buffer holds request `req`; count what its generation produced (None: counted elsewhere)."""
+        self.state.requests.pop(req.id, None)
+        if result is None:
+            return
+        if missing := len(req.prompts) - result.groups:  # groups that never arrive give their admission back
             self.buffer.release.remote(missing)
-        self.skipped.update(result.skipped)
-        self.reward_faults.update(result.reward_faults)
+            self.releases += 1
+        self.state.skipped.update(result.skipped)
+        self.state.reward_faults.update(result.reward_faults)
         self.throughput.rows += result.groups * self.cfg.actors.n
         self.throughput.tokens += result.tokens
+        self.throughput.gen_s += result.gen_s
         self.last_load_s = result.load_s or self.last_load_s
 
-    def _on_generation_failed(self, req: Request, error: BaseException) -> None:
-        """Replace the actor, then re-issue its request unless the buffer already recorded it."""
-        if self.push:  # the generators joined the transfer group at start; a replacement could not receive pushes
+    def _generation_failed(self, req: Request, error: BaseException) -> None:
+        """Replace the actor, then re-issue its request unless the buffer recorded it (its put may have landed)."""
+        if self.parts.push_backend is not None:  # the generators joined the transfer group at start
             raise RuntimeError(f"rollout actor {self.fleet.slots[req.actor].generator_id} failed ({error}); with "
                                f"weights.transport={self.cfg.weights.transport} the fleet is fixed at start, so it "
                                "cannot be replaced: use object_store or disk for restartable generators") from error
         self.fleet.on_failure(req.actor, error)  # raises after actors.max_failures in a row
-        if not ray.get(self.buffer.has_request.remote(req.id), timeout=self.cfg.ray.rpc_timeout_s):
-            self.pending.appendleft(req)
-            self.reissued += 1
+        self._ask_recorded(req, None)
 
-    def _check_deadlines(self) -> None:
-        """A generation overrunning ray.rpc_timeout_s means a stuck actor: fail it (kill, replace, re-issue)."""
-        now, limit = time.monotonic(), self.cfg.ray.rpc_timeout_s
-        for ref, req in list(self.inflight.items()):
-            if now - req.dispatched_at > limit:
-                del self.inflight[ref]
-                actor = self.fleet.slots[req.actor].generator_id
-                self._on_generation_failed(req, TimeoutError(f"rollout actor {actor}: request {req.id} "
-                                                             f"unanswered after ray.rpc_timeout_s={limit}s"))
-        learn_limit = limit + self.cfg.learner.sample_timeout_s
-        if self.learning and now - self.learning_since > learn_limit:
-            raise TimeoutError(f"learner step {self.version + 1}: no answer from the learner ranks within "
-                               f"{learn_limit:.0f}s (ray.rpc_timeout_s + learner.sample_timeout_s)")
-
-    def _on_learner_step(self, log: MetricsLog) -> dict:
+    def _on_learn(self, ref, call: Call) -> dict:
         try:
             results = ray.get(self.learning, timeout=self.cfg.ray.rpc_timeout_s)
         except ray.exceptions.RayActorError as exc:
-            raise self._learner_died(f"step {self.version + 1}") from exc
-        res = results[0]
-        if res is None:
-            raise TimeoutError(f"learner step {self.version + 1}: the buffer served no batch within "
+            raise learner_died(self.cfg, self.run_dir, f"step {self.state.step + 1}") from exc
+        if (res := results[0]) is None:
+            raise TimeoutError(f"learner step {self.state.step + 1}: the buffer served no batch within "
                                f"{self.cfg.learner.sample_timeout_s}s (generators stalled or all prompts skipped)")
-        self.version = res["step"]
-        self.trained.update(res["group_ids"])
+        self.learning, self.state.step = [], res["step"]
+        self.state.trained.update(res["group_ids"])
         if res["handle"] is not None:
-            self.handle: WeightHandle = res["handle"]
-            self.policy_version = self.handle.version
+            self.handle = res["handle"]
             self._offer_weights()
-        self.buffer.set_learner_version.remote(self.version)
-        samples_per_s, tokens_per_s = self.throughput.take()
-        record = {
-            "step": self.version, "policy_version": self.policy_version,
-            **res["metrics"], "samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s,
-            "weight_load_s": self.last_load_s, "rollout_actors": len(self.fleet.slots),
-            "actor_restarts": sum(s.restarts for s in self.fleet.slots.values()),
-            **{f"skipped/{k}": v for k, v in self.skipped.items()},
-            **{f"reward_faults/{k}": v for k, v in self.reward_faults.items()},
-        }
-        log.log(record)
+        record = step_record(self.state, self.policy_version, res["metrics"], self.throughput.take(),
+                             self.last_load_s, self.fleet)
+        self.log.log(record)
+        k = self.cfg.learner.checkpoint_every
+        if k and self.state.step % k == 0 and self.state.step < self.cfg.learner.total_steps:
+            self.parts.checkpoint(self.state, self.log)
+        every = self.cfg.data.eval_every
+        if every and self.parts.eval_prompts and self.state.step % every == 0:
+            self.eval_due = self.state.step
         return record
+
+    def _on_evaluate(self, ref, call: Call) -> None:
+        index, step = call.data
+        try:
+            self.log.log_eval(step, ray.get(ref))
+        except ray.exceptions.RayError as exc:
+            return self.fleet.on_failure(index, exc)
+        self.fleet.on_idle(index)
 
     def _offer_weights(self) -> None:
         """in_flight mode: every live engine applies the new version now, mid-generation. (The handle also goes
         with every request, which covers actors started later and offers that failed.)"""
-        if self.cfg.actors.weight_update_mode != "in_flight":
-            return
-        for slot in self.fleet.slots.values():
-            if slot.state in ("idle", "busy"):
-                self.offers[slot.actor.offer_weights.remote(self.handle)] = slot.generator_id
+        if self.cfg.actors.weight_update_mode == "in_flight":
+            for ref, actor in self.fleet.offer_weights(self.handle).items():
+                self.calls.add(ref, "offer", self.cfg.weights.timeout_s, actor)
 
-    def _collect_offers(self) -> None:
-        if not self.offers:
-            return
-        done, _ = ray.wait(list(self.offers), num_returns=len(self.offers), timeout=0)
-        for ref in done:
-            actor = self.offers.pop(ref)
-            try:
-                self.last_load_s = ray.get(ref) or self.last_load_s
-            except ray.exceptions.RayError as exc:  # a dead actor is handled through its generate call
-                self.fleet.events.append({"event": "offer_failed", "actor": actor, "error": type(exc).__name__})
-
-    # ---- control and persistence --------------------------------------------------------------
-    def _apply_control(self) -> None:
-        path = self.run_dir / CONTROL
+    def _on_offer(self, ref, call: Call) -> None:
         try:
-            mtime = path.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if mtime == self._control_mtime:
-            return
-        self._control_mtime = mtime
-        try:
-            control = json.loads(path.read_text())
-            n = int(control.get("rollout_actors", self.fleet_target))
-        except (ValueError, TypeError, AttributeError):
-            return  # a malformed file: launch.scale writes atomically, so this is someone else's
-        if n >= 1 and n != self.fleet_target and self.push:
-            self.fleet.events.append({"event": "scale_refused", "actor": f"{n} requested",
-                                      "error": f"weights.transport={self.cfg.weights.transport} keeps the fleet fixed"})
-        elif n >= 1 and n != self.fleet_target:
-            self.fleet_target = n
-            self.fleet.scale_to(n)
-        if control.get("stop"):
-            self.stop_requested = True
+            self.last_load_s = ray.get(ref) or self.last_load_s
+        except ray.exceptions.RayError as exc:  # a dead actor is handled through its generate call
+            self.fleet.events.append({"event": "offer_failed", "actor": call.data, "error": type(exc).__name__})
 
-    def _publish_fleet(self, log: MetricsLog) -> None:
-        for event in self.fleet.events:
-            log.event({"step": self.version, **event})
-        if self.fleet.events or not (self.run_dir / "actors.json").exists():
-            (self.run_dir / "actors.json").write_text(json.dumps({**self.fleet.snapshot(), "target": self.fleet_target}))
-        self.fleet.events.clear()
-
-    def _state(self) -> dict:
-        requests = list(self.pending) + list(self.inflight.values())
-        return {"step": self.version, "policy_version": self.policy_version, "stream": self.stream.state(),
-                "request_seq": self.request_seq, "groups_dispatched": self.groups_dispatched, "reissued": self.reissued,
-                "requests": [asdict(r) for r in requests], "skipped": dict(self.skipped), "trained": dict(self.trained),
-                "reward_faults": dict(self.reward_faults),
-                "rollout_actors": self.fleet_target}
-
-    def _learner_died(self, during: str) -> RuntimeError:
-        hint = f"; resume with: python -m launch.train --resume {self.run_dir}" if self.cfg.learner.checkpoint_every else ""
-        return RuntimeError(f"a learner rank died during {during}{hint}")
-
-    def _checkpoint(self, log: MetricsLog) -> None:
-        cfg = self.cfg
-        try:
-            path = checkpoint.save(self.run_dir, self.version, self.ranks, self.buffer, self._state(),
-                                   cfg.learner.checkpoint_keep, cfg.ray.rpc_timeout_s)
-        except ray.exceptions.RayActorError as exc:  # the previous checkpoint is intact: resume from it
-            raise self._learner_died(f"the checkpoint of step {self.version}") from exc
-        log.event({"step": self.version, "event": "checkpoint", "path": str(path)})
+    def _on_overdue(self, ref, call: Call) -> None:
+        late = f"unanswered after {call.deadline - call.since:.0f}s"
+        if call.kind == "generate":
+            actor, limit = self.fleet.slots[call.data.actor].generator_id, self.cfg.ray.rpc_timeout_s
+            self._generation_failed(call.data, TimeoutError(
+                f"rollout actor {actor}: request {call.data.id} unanswered after ray.rpc_timeout_s={limit:g}s"))
+        elif call.kind in ("ready", "evaluate"):  # a stuck engine: replace it
+            index = call.data if call.kind == "ready" else call.data[0]
+            self.fleet.on_failure(index, TimeoutError(f"rollout actor {self.fleet.slots[index].generator_id}: "
+                                                      f"{call.kind} {late}"))
+        elif call.kind == "ack":  # its answer may be gone with the actor that made the put: ask the buffer
+            self._ask_recorded(*call.data)
+        elif call.kind == "offer":
+            self.fleet.events.append({"event": "offer_failed", "actor": call.data, "error": f"TimeoutError: {late}"})
+        else:  # the learner or the buffer: nothing to replace them with
+            raise TimeoutError(f"{call.kind} (learner step {self.state.step + 1}) {late} "
+                               "(ray.rpc_timeout_s, + learner.sample_timeout_s for a learner step)")
 
     def _restore(self, path: Path) -> None:
-        s = checkpoint.load_state(path)
-        timeout = self.cfg.ray.rpc_timeout_s
-        steps = ray.get([r.load_checkpoint.remote(str(path / "learner")) for r in self.ranks], timeout=self.cfg.ray.startup_timeout_s)
-        if set(steps) != {s["step"]}:
-            raise RuntimeError(f"checkpoint {path}: learner ranks restored steps {steps}, launcher state says {s['step']}")
-        ray.get(self.buffer.load.remote(str(path / "buffer")), timeout=timeout)
-        self.version, self.policy_version = s["step"], s["policy_version"]
+        saved = self.parts.restore(path)
+        saved.rollout_actors = self.state.rollout_actors  # the config's fleet size, not the one scaled to
+        self.state, self.start_step, self.resumed_from = saved, saved.step, str(path)
         self.serving_path = str(path / "model")  # generators start on exactly the checkpoint's weights
-        self.stream.restore(s["stream"])
-        self.request_seq, self.groups_dispatched, self.reissued = s["request_seq"], s["groups_dispatched"], s["reissued"]
-        self.skipped, self.trained = Counter(s["skipped"]), Counter(s["trained"])
-        self.reward_faults = Counter(s.get("reward_faults", {}))
-        for r in s["requests"]:  # in flight at the checkpoint: re-issue unless the buffer already holds it
-            req = Request(r["id"], [Prompt(**p) for p in r["prompts"]], attempts=r["attempts"])
-            if not ray.get(self.buffer.has_request.remote(req.id), timeout=timeout):
-                self.pending.append(req)
-        self.resumed_from = str(path)
+        self.queue.extend(saved.requests)  # open at the checkpoint and not recorded by the buffer: re-issue
 
-    # ---- the loop -----------------------------------------------------------------------------
+    # ---- the loop -----------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
+        self.parts.await_learner(self.fleet)
+        self.log = MetricsLog(self.run_dir, cfg.learner.total_steps, cfg.tensorboard, cfg.progress,
+                              start_step=self.start_step, wandb=cfg.model_dump(mode="json") if cfg.wandb else None)
+        if self.start_step:
+            self.log.event({"step": self.start_step, "event": "resumed", "path": self.resumed_from})
+        history = read_history(self.run_dir, self.start_step) if self.start_step else []
+        t0, self.throughput = time.perf_counter(), Throughput()
         try:
-            ray.get([r.node_ip.remote() for r in self.ranks], timeout=cfg.ray.startup_timeout_s)
-        except ray.exceptions.GetTimeoutError as exc:
-            raise TimeoutError(f"the {len(self.ranks)} learner rank(s) did not start within ray.startup_timeout_s="
-                               f"{cfg.ray.startup_timeout_s}s (not enough CPUs/GPUs free for learner.num_cpus/num_gpus?)") from exc
-        if self.push:
-            self._connect_push_transport()
-        start_step = self.version
-        log = MetricsLog(self.run_dir, cfg.learner.total_steps, cfg.tensorboard, cfg.progress, start_step=start_step,
-                         wandb=cfg.model_dump(mode="json") if cfg.wandb else None)
-        if start_step:
-            log.event({"step": start_step, "event": "resumed", "path": self.resumed_from})
-        self.learning: list = []
-        history = read_history(self.run_dir, start_step) if start_step else []
-        t0 = time.perf_counter()
-        self.throughput = Throughput()
-        try:
-            while self.version < cfg.learner.total_steps and not self.stop_requested:
-                self._apply_control()
-                self._dispatch_generation()
-                if not self.learning:
-                    self.learning = self._dispatch_learning()
-                starting = self.fleet.starting_refs()
-                ready, _ = ray.wait([self.learning[0], *self.inflight, *starting], num_returns=1, timeout=1.0)
-                for ref in ready:
-                    if ref in starting:
-                        self.fleet.on_ready(starting[ref])
-                    elif ref in self.inflight:
-                        self._on_generation_done(ref)
-                    else:
-                        history.append(self._on_learner_step(log))
-                        self.learning = []
-                        self._after_step(log)
-                self._check_deadlines()
-                self._collect_offers()
-                self._publish_fleet(log)
+            while self.state.step < cfg.learner.total_steps and not self.stop_requested:
+                self.stop_requested = self.parts.apply_control(self.state) or self.stop_requested
+                self._schedule()
+                for ref, call in self.calls.wait(timeout_s=1.0):
+                    if (record := self.handlers[call.kind](ref, call)) is not None:
+                        history.append(record)
+                for ref, call in self.calls.overdue():
+                    self._on_overdue(ref, call)
+                self.parts.publish_fleet(self.log, self.state)
             if self.stop_requested:
-                history += self._stop_learning(log)
+                history += self._stop_learning()
             self._drain()
         finally:
-            self._publish_fleet(log)  # also the events of a failing run: they say why it stopped
-            log.close()
+            self.parts.publish_fleet(self.log, self.state)  # also the events of a failing run: they say why it stopped
+            self.log.close()
             self.fleet.close_all(timeout_s=30)
-            if self.transport is not None and self.transport.name == "shared_memory":
-                self.transport.close()  # the slots in /dev/shm
-        wall = time.perf_counter() - t0
-        final = ray.get([r.save_pretrained.remote(str(self.run_dir / "final")) for r in self.ranks],
-                        timeout=cfg.ray.rpc_timeout_s)[0]
-        buffer_stats = ray.get(self.buffer.stats.remote(), timeout=cfg.ray.rpc_timeout_s)
-        summary = summarize(history, wall, final, buffer_stats, dict(self.skipped))
-        summary["reward_faults"] = dict(self.reward_faults)
-        summary["ledger"] = self._ledger(buffer_stats)
-        summary["resumed_from_step"] = start_step
-        summary["stopped_at_request"] = self.stop_requested
-        return summary
+            self.parts.close()
+        return self.parts.summary(self.state, history, time.perf_counter() - t0, self.start_step, self.stop_requested)
 
-    def _stop_learning(self, log: MetricsLog) -> list[dict]:
+    def _stop_learning(self) -> list[dict]:
         """A stop request: finish the step under way, write a checkpoint to resume from, then wind down."""
         records = []
         if self.learning:
             ray.wait([self.learning[0]], timeout=self.cfg.ray.rpc_timeout_s + self.cfg.learner.sample_timeout_s)
-            records.append(self._on_learner_step(log))
-            self.learning = []
+            records.append(self._on_learn(self.learning[0], None))
         if self.cfg.learner.checkpoint_every:
-            self._checkpoint(log)
-        log.event({"step": self.version, "event": "stopped"})
+            self.parts.checkpoint(self.state, self.log)
+        self.log.event({"step": self.state.step, "event": "stopped"})
         return records
 
-    def _connect_push_transport(self) -> None:
-        """Every generator must be up to join the transfer group (an NCCL rendezvous is all or nothing)."""
-        deadline = time.monotonic() + self.cfg.ray.startup_timeout_s
-        while starting := self.fleet.starting_refs():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(starting)} rollout actor(s) did not start within ray.startup_timeout_s")
-            ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=1.0)
-            for ref in ready:
-                self.fleet.on_ready(starting[ref])
-        W = self.cfg.weights
-        peers = {s.generator_id: s.actor for s in self.fleet.slots.values()}
-        ray.get(self.ranks[0].connect_generators.remote(W.transport, W.bucket_mb, W.timeout_s, peers),
-                timeout=self.cfg.ray.startup_timeout_s)
-        for rank in self.ranks[1:]:  # the others only need to know they publish nothing
-            ray.get(rank.connect_generators.remote(W.transport, W.bucket_mb, W.timeout_s, peers))
-
-    def _after_step(self, log: MetricsLog) -> None:
-        k = self.cfg.learner.checkpoint_every
-        if k and self.version % k == 0 and self.version < self.cfg.learner.total_steps:
-            self._checkpoint(log)
-        self._maybe_evaluate(log)
-
     def _drain(self) -> None:
-        """Let the generations in flight finish, so the ledger accounts for every group dispatched."""
+        """Let admitted requests, puts and a due evaluation finish, so the ledger accounts for every group
+        dispatched and the last step's evaluation is logged; nothing new is admitted or learned."""
+        self.calls.drop("admit", "learn", "offer")
         deadline = time.monotonic() + self.cfg.ray.rpc_timeout_s
-        while self.inflight and time.monotonic() < deadline:
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
-            for ref in ready:
-                req = self.inflight[ref]
-                self._on_generation_done(ref)
-                if self.pending and self.pending[0] is req:  # its actor died at the very end: not re-issued now
-                    self.pending.popleft()
-
-    def _ledger(self, buffer_stats: dict) -> dict:
-        unfinished = sum(len(r.prompts) for r in (*self.pending, *self.inflight.values()))
-        return ledger(self.groups_dispatched, self.request_seq, self.reissued, unfinished, self.trained,
-                      ray.get(self.buffer.ledger.remote(), timeout=self.cfg.ray.rpc_timeout_s), buffer_stats,
-                      self.cfg.buffer.max_reuse)
-
-    def _maybe_evaluate(self, log: MetricsLog) -> None:
-        k = self.cfg.data.eval_every
-        idle = self.fleet.idle() or sorted(self.fleet.slots)
-        if k and self.eval_prompts and self.version % k == 0 and idle:
-            actor = self.fleet.slots[idle[0]].actor
-            metrics = ray.get(actor.evaluate.remote(self.eval_prompts, self.handle), timeout=self.cfg.ray.rpc_timeout_s)
-            log.log_eval(self.version, metrics)
+        while time.monotonic() < deadline and (any(map(self.calls.has, FINISHING)) or (
+                self.fleet.slots and (self.eval_due is not None or self.queue))):
+            self._watch_starting()
+            self._start_eval()
+            self._dispatch()
+            for ref, call in self.calls.wait(timeout_s=1.0):
+                self.handlers[call.kind](ref, call)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from launch.loop import CONTROL
-from transport.weights import PUSH_TRANSPORTS
+from launch.control import CONTROL
+from transport.registry import pushes
 
 
 def request(run_dir: Path, rollout_actors: int | None = None, stop: bool = False) -> Path:
@@ -31,7 +31,7 @@ def request(run_dir: Path, rollout_actors: int | None = None, stop: bool = False
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     transport = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("weights", {}).get("transport")
-    if rollout_actors is not None and transport in PUSH_TRANSPORTS:
+    if rollout_actors is not None and transport is not None and pushes(transport):
         raise ValueError(f"{run_dir} pushes weights with weights.transport={transport}: its fleet is fixed at start")
     path = run_dir / CONTROL
     control = json.loads(path.read_text()) if path.is_file() else {}

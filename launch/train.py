@@ -87,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     import ray
 
+    from common.seeding import seed_everything
     from launch.loop import Launcher
     from launch.model import build_default_model
 
+    seed_everything(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     model_path = cfg.model.path or build_default_model(cfg.model, cfg.data.max_operand, Path(cfg.output_dir) / "_models")

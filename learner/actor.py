@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
+from typing import Any, Callable
 
 import ray
-import torch
 
 from learner.config import LearnerConfig
 from learner.learner import Learner
@@ -19,41 +18,35 @@ class LearnerRank:
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         self.learner = Learner(cfg, model_path, group_size, temperature, rank, world_size)
         self.transport = transport
-        self._reading: dict[int, dict[str, torch.Tensor]] = {}  # object-store publishes awaiting `materialize`
+        self._reading: dict[int, Callable[[], Any]] = {}  # deferred copies awaiting `materialize`
         self._publish_ids = itertools.count(1)  # next() is atomic: two publishes on two actor threads never share one
 
     def _publish(self):
         """Publish the current weights; returns (handle on rank 0, seconds the learner was blocked).
 
-        Deferred transports (the object store, shared-memory slots) copy nothing on the learner's thread: the
-        copy runs as this actor's own `materialize` call on its second thread, reading the live parameters, and
-        the learner's next optimizer update waits for it (`Learner.hold_weights`) — normally long done by then,
-        after that step's forward and backward. The returned handle already holds the call's ObjectRef, which a
-        generator waits on. (Under ZeRO-3 `full_state` is a gathered copy, so the hold costs nothing.) Each
-        publish has its own slot in `_reading`, so two publishes in a row never hand one `materialize` the
-        other's weights."""
-        from transport.weights import WeightHandle
+        Deferred transports (the object store, shared-memory slots) copy nothing on the learner's thread: they
+        hand the copy to `_defer`, which runs it as this actor's own `materialize` call on its second thread,
+        reading the live parameters, and makes the learner's next optimizer update wait for it
+        (`Learner.hold_weights`) — normally long done by then, after that step's forward and backward. The
+        returned handle already holds the call's ObjectRef, which a generator waits on. (Under ZeRO-3
+        `full_state` is a gathered copy, so the hold costs nothing.)"""
+        return self.learner.publish(self.transport, defer=self._defer)
 
-        if self.transport is None or not self.transport.deferred:
-            return self.learner.publish(self.transport)
-        t0 = time.perf_counter()
-        state = self.learner.full_state(copy=False)
-        if state is None:
-            return None, 0.0
+    def _defer(self, copy) -> ray.ObjectRef:
+        """Run `copy()` later as `materialize` on this actor's second thread; returns that call's ObjectRef. Each
+        publish has its own key in `_reading`, so two publishes in a row never hand one `materialize` the
+        other's weights."""
         key = next(self._publish_ids)
-        self._reading[key] = (self.learner.step, state)
+        self._reading[key] = copy
         ref = ray.get_runtime_context().current_actor.materialize.remote(key)
         self.learner.hold_weights(lambda: ray.wait([ref], timeout=None))
-        dtypes = {k: "bfloat16" for k, v in state.items() if v.dtype == torch.bfloat16}  # as to_numpy ships them
-        nbytes = sum(v.nbytes for v in state.values())
-        handle = WeightHandle(self.learner.step, self.transport.name, ref, nbytes, dtypes, time.time())
-        return handle, time.perf_counter() - t0
+        return ref
 
-    def materialize(self, publish: int):
-        """Runs on a second actor thread: the transport copies the weights (the object store: Ray copies the
-        returned arrays, views of the weights, into the store; shared memory: into a slot, returning where)."""
-        version, state = self._reading.pop(publish)
-        return self.transport.write(version, state)
+    def materialize(self, key: int):
+        """Runs on a second actor thread: the transport's copy of one publish (the object store: arrays viewing
+        the weights, which Ray copies into the store as this call's result; shared memory: into a slot,
+        returning where)."""
+        return self._reading.pop(key)()
 
     def train_step(self, batch, publish: bool):
         """Train on `batch` (resolved by Ray from the buffer's sample); publish afterwards if asked."""
@@ -66,27 +59,19 @@ class LearnerRank:
         group_ids = batch.column("group_id").unique().to_pylist() if self.learner.rank == 0 else []
         return {"metrics": metrics, "handle": handle, "step": self.learner.step, "group_ids": group_ids}
 
-    def publish(self):
-        return self._publish()[0]
-
     def save_pretrained(self, out_dir: str):
         return self.learner.save_pretrained(out_dir)
 
     def connect_generators(self, transport: str, bucket_mb: float, timeout_s: float, generators: dict) -> None:
         """Push transports: rank 0 builds the trainer side here (NCCL needs this process's GPU, the driver may have
-        none) and joins `generators` ({generator_id: rollout actor}); other ranks publish nothing."""
+        none) and joins `generators` ({generator_id: rollout actor}) within `timeout_s`; other ranks publish
+        nothing."""
         if self.learner.rank != 0:
             return
-        import socket
+        from transport.registry import make_transport
 
-        from transport.engine import TimedClient
-        from transport.weights import make_transport
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        self.transport = make_transport(transport, "", bucket_mb, timeout_s, ray.util.get_node_ip_address(), port)
-        self.transport.connect(TimedClient(generators, timeout_s))
+        self.transport = make_transport(transport, "", bucket_mb, timeout_s, ray.util.get_node_ip_address(), _free_port())
+        self.transport.connect(generators)
 
     def save_checkpoint(self, directory: str) -> None:
         self.learner.save_checkpoint(directory)

@@ -57,3 +57,5 @@ class LearnerConfig(BaseModel):
     """Ray placement group strategy for the ranks (one bundle each); STRICT_PACK keeps them on one node."""
     placement_timeout_s: float = Field(300.0, gt=0)
     """Longest wait for Ray to reserve every rank's bundle before the run fails naming the bundles."""
+    seed: int = 0
+    """Seeds Python, NumPy and torch in every rank before the model is built (defaults to the run's seed)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from common.seeding import seed_everything
 from learner.batch import TrainBatch, shard_groups, staleness_stats, to_tensors, token_logprobs
 from learner.config import LearnerConfig
 from learner.objectives import LossInputs, compute_loss, needs_proximal, needs_reference
@@ -43,12 +44,6 @@ def deepspeed_config(cfg: LearnerConfig, rows_per_micro: int, micro_steps: int) 
     return ds
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> float:
-    """Token-mean k3 estimate of KL(pi || ref) on the sampled tokens (unbiased, non-negative)."""
-    d = ref_logp - logp  # (B, T)
-    return float(((d.exp() - d - 1) * mask).sum() / mask.sum().clamp(min=1))
-
-
 class Learner:
     def __init__(self, cfg: LearnerConfig, model_path: str, group_size: int, temperature: float,
                  rank: int = 0, world_size: int = 1):
@@ -57,6 +52,8 @@ class Learner:
 
         self.cfg, self.model_path, self.temperature = cfg, model_path, temperature
         self.rank, self.world_size = rank, world_size
+        # The same seed on every rank: weights a model initialises rather than loads must agree across ranks.
+        seed_everything(cfg.seed)
         on_gpu = torch.cuda.is_available() and cfg.num_gpus > 0
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -115,8 +112,6 @@ class Learner:
                     prox_logp=None if prox_logp is None else prox_logp[rows].to(self.device),
                 )
                 loss, metrics = compute_loss(self.cfg.objective, inputs)
-                if "kl_to_ref" not in metrics and inputs.ref_logp is not None:
-                    metrics["kl_to_ref"] = kl_k3(logp.detach().float(), inputs.ref_logp, mask)
                 self.engine.backward(loss)
                 waited += self.release_weights()  # the update below overwrites what a publish may still be reading
                 self.engine.step()
@@ -190,15 +185,18 @@ class Learner:
             self._readers.pop(0)()
         return time.perf_counter() - t0
 
-    def publish(self, transport):
-        """Hand the current weights to `transport` as version `self.step`; returns the handle on rank 0."""
+    def publish(self, transport, defer=None):
+        """Hand the current weights to `transport` as version `self.step`; every rank must call (ZeRO-3 gathers).
+        Returns (the handle on rank 0, None elsewhere; seconds spent).
+
+        No snapshot copy under ZeRO 0-2: the transport reads the live parameters, either before publish returns
+        or, through `defer` (`LearnerRank._defer`), on another thread that the next optimizer update waits for
+        (`hold_weights`)."""
         t0 = time.perf_counter()
-        # Every transport has consumed the tensors when publish returns (copied into the object store, written,
-        # or broadcast), before the next optimizer step changes them: no snapshot copy is needed under ZeRO 0-2.
         state = self.full_state(copy=False)
         if state is None:
             return None, 0.0
-        handle = transport.publish(self.step, state)
+        handle = transport.publish(self.step, state, defer=defer)
         return handle, time.perf_counter() - t0
 
     def save_pretrained(self, out_dir: str) -> str | None:

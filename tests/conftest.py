@@ -16,3 +16,27 @@ def tiny_model_dir(tmp_path_factory) -> str:
     from launch.model import build_default_model
 
     return build_default_model(ModelConfig(warm_start_steps=30), max_operand=4, cache_dir=tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def dist_env():
+    """torch.distributed settings for an in-process learner. vLLM tears its engine down with
+    `torch.distributed.destroy_process_group()`, which DeepSpeed does not hear of: an engine of an earlier module
+    (collected whenever the garbage collector gets to it) leaves DeepSpeed's cached world group pointing into a
+    destroyed process group. Collect now, then drop DeepSpeed's stale references (its own release function)."""
+    import gc
+    import socket
+
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    gc.collect()
+    stale = groups._WORLD_GROUP is not None and (
+        not dist.is_initialized() or groups._WORLD_GROUP not in dist.distributed_c10d._world.pg_group_ranks)
+    if stale:
+        groups._release_process_group_references(None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))

@@ -108,7 +108,7 @@ def test_ray_actors_lose_and_duplicate_nothing(ray_cluster, tmp_path):
 def test_actor_blocked_sample_does_not_block_puts(ray_cluster):
     buffer = make_buffer_actor(BufferConfig(max_staleness=10), groups_per_step=2, run_dir=None)
     waiting = buffer.sample.remote(2, 0, timeout=30)  # blocks in the actor until two groups arrive
-    assert ray.get(buffer.try_admit.remote(2))
+    assert ray.get(buffer.try_admit.remote(2, 0))
     assert ray.get(buffer.put.remote(fake_batch(["x", "y"]))) == 2
     assert ray.get(waiting, timeout=30).num_rows == 2 * GROUP_SIZE
     ray.kill(buffer)

@@ -121,10 +121,10 @@ def test_oldest_version_eviction_and_byte_capacity():
 
 def test_drop_policy_counts_stale_groups():
     buf = ReplayBuffer(BufferConfig(staleness_policy="drop", max_staleness=1), groups_per_step=1)
-    assert all(buf.try_admit(100) for _ in range(3))  # no admission control under "drop"
+    assert all(buf.try_admit(100, 0) for _ in range(3))  # no admission control under "drop"
     buf.put(fake_batch(["v0"], policy_version=0))
     buf.put(fake_batch(["v2"], policy_version=2))
-    buf.set_learner_version(3)
+    assert buf.try_admit(0, 3)  # the learner reached step 3
     buf.put(fake_batch(["v1"], policy_version=1))  # 2 versions behind on arrival
     assert group_ids(buf.sample(1, 3, timeout=1)) == ["v2"]
     stats = buf.stats()

@@ -21,32 +21,20 @@ def wait_until(predicate, timeout: float = 5.0) -> None:
 
 def test_admission_formula_and_release():
     buf = ReplayBuffer(BufferConfig(max_staleness=1), groups_per_step=2)
-    assert buf.try_admit(4)  # (0 + 1 + 1) * 2
-    assert not buf.try_admit(1)
+    assert buf.try_admit(4, 0)  # (0 + 1 + 1) * 2
+    assert not buf.try_admit(1, 0)
     buf.release(2)
-    assert buf.try_admit(2) and not buf.try_admit(1)
-    buf.set_learner_version(1)
-    assert buf.try_admit(2) and not buf.try_admit(1)
-    assert buf.stats()["admitted"] == 6
+    assert buf.try_admit(2, 0) and not buf.try_admit(1, 0)
+    assert buf.try_admit(2, 1) and not buf.try_admit(1, 1)  # the learner's step, carried by the call
+    assert not buf.try_admit(1, 0)  # an older step never shrinks what the buffer knows
+    assert buf.stats()["admitted"] == 6 and buf.stats()["learner_version"] == 1
 
 
-def test_fast_producer_blocks_until_learner_advances():
+def test_producer_is_refused_until_the_learner_advances():
     buf = ReplayBuffer(BufferConfig(max_staleness=1), groups_per_step=2)
-    admitted = []
-
-    def producer():
-        for i in range(6):
-            assert buf.admit(1, timeout=10)
-            admitted.append(i)
-
-    thread = threading.Thread(target=producer)
-    thread.start()
-    wait_until(lambda: len(admitted) == 4)
-    time.sleep(0.1)
-    assert len(admitted) == 4  # refused: it would run 2 versions ahead
-    buf.set_learner_version(1)
-    thread.join(5)
-    assert len(admitted) == 6 and buf.stats()["blocked_s_admit"] >= 0.09
+    admitted = [i for i in range(6) if buf.try_admit(1, 0)]
+    assert len(admitted) == 4  # the rest would run 2 versions ahead
+    assert buf.try_admit(1, 1) and buf.try_admit(1, 1) and not buf.try_admit(1, 1)
 
 
 def test_sync_mode_alternates_generation_and_training():
@@ -57,7 +45,8 @@ def test_sync_mode_alternates_generation_and_training():
 
     def generator():
         for step in range(steps):
-            assert buf.admit(2, timeout=10)
+            while not buf.try_admit(2, version[0]):  # the launcher retries after each learner step
+                time.sleep(0.002)
             events.append(f"G{version[0]}")  # before put: the learner cannot train on it before this
             buf.put(fake_batch([f"s{step}a", f"s{step}b"], policy_version=version[0]))
 
@@ -68,7 +57,6 @@ def test_sync_mode_alternates_generation_and_training():
         assert set(batch.column("policy_version").to_pylist()) == {step}  # on-policy
         events.append(f"T{step}")
         version[0] = step + 1
-        buf.set_learner_version(step + 1)
     thread.join(5)
     assert events == [e for step in range(steps) for e in (f"G{step}", f"T{step}")]
     assert buf.stats()["staleness_hist_0"] == 2 * steps
@@ -76,12 +64,11 @@ def test_sync_mode_alternates_generation_and_training():
 
 def test_stale_drop_gives_admission_slot_back():
     buf = ReplayBuffer(BufferConfig(max_staleness=0), groups_per_step=1)
-    assert buf.try_admit(1)
-    buf.set_learner_version(1)
-    assert buf.try_admit(1) and not buf.try_admit(1)
+    assert buf.try_admit(1, 0)
+    assert buf.try_admit(1, 1) and not buf.try_admit(1, 1)
     buf.put(fake_batch(["late"], policy_version=0))  # stale on arrival: dropped, its slot returned
     assert buf.stats()["drops_stale_at_put"] == 1
-    assert buf.try_admit(1)
+    assert buf.try_admit(1, 1)
 
 
 def test_put_blocks_on_limiter_and_times_out_naming_the_side():

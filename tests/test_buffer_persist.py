@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def filled_buffer(run_dir: str) -> ReplayBuffer:
     buf = ReplayBuffer(BufferConfig(max_staleness=2, max_reuse=2), groups_per_step=2, run_dir=run_dir)
-    assert buf.try_admit(5)
+    assert buf.try_admit(5, 0)
     buf.put(fake_batch(["a", "b", "c"], policy_version=0))
     buf.put(fake_batch(["d"], policy_version=1)[:2])  # half a group stays pending
     buf.sample(2, 1, timeout=1)  # a and b served once, stay for a second use
@@ -40,7 +40,7 @@ def test_save_load_restores_groups_counters_and_pending(tmp_path):
     keys = ["size_groups", "size_rollouts", "bytes", "pending_rollouts", "admitted", "inserts", "samples",
             "learner_version", "staleness_hist_1"]
     assert {k: restored.stats()[k] for k in keys} == {k: buf.stats()[k] for k in keys}
-    assert restored.try_admit(3) and not restored.try_admit(1)  # (1 + 2 + 1) * 2 - 5 admitted
+    assert restored.try_admit(3, 1) and not restored.try_admit(1, 1)  # (1 + 2 + 1) * 2 - 5 admitted
     # The pending half-group completes after the restore.
     restored.put(fake_batch(["d"], policy_version=1)[2:])
     buf.put(fake_batch(["d"], policy_version=1)[2:])
@@ -105,7 +105,7 @@ def test_offline_parquet_with_logprobs(tmp_path):
     table = fake_batch(["p0", "p1"], group_size=3, policy_version=7)
     pq.write_table(pa.Table.from_batches([table]), tmp_path / "d.parquet")
     buf = ReplayBuffer(BufferConfig(max_staleness=0), groups_per_step=1)
-    buf.set_learner_version(50)  # offline groups are exempt from the staleness bound
+    assert buf.try_admit(0, 50)  # the learner is far ahead: offline groups are exempt from the staleness bound
     assert buf.load_offline(str(tmp_path / "d.parquet")) == 2
     got = rollouts_from_arrow(buf.sample(2, 50, timeout=1))
     assert sorted(got, key=lambda r: r.rollout_id) == sorted(rows, key=lambda r: r.rollout_id)

@@ -239,8 +239,8 @@ def test_learner_killed_from_outside_then_resumed(launcher_factory, tmp_path):
     saved_groups = {m["group_id"] for m in json.loads((ckpt / "buffer" / "manifest.json").read_text())["groups"]}
 
     resumed = launcher_factory(*args, resume=True)
-    assert resumed.version == k and resumed.policy_version == saved["policy_version"] == k
-    assert resumed.stream.state() == saved["stream"]
+    assert resumed.state.step == k and resumed.policy_version == k  # generators start on the checkpoint's weights
+    assert resumed.parts.stream.state() == saved["stream"]
     assert set(ray.get(resumed.buffer.ledger.remote())["held_group_ids"]) == saved_groups
     summary = resumed.run()
     assert summary["resumed_from_step"] == k and summary["steps"] == 12
@@ -314,3 +314,46 @@ def test_push_transport_end_to_end_on_cpu(launcher_factory):
     _assert_nothing_lost(summary["ledger"])
     with pytest.raises(ValueError, match="fleet is fixed"):
         request(launcher.run_dir, 3)
+
+
+def test_actor_killed_between_its_put_and_the_acknowledgement(launcher_factory):
+    """A rollout actor returns as soon as it sent its groups to the buffer; the launcher waits for the put's
+    acknowledgement separately. Kill the actor right after its first request returned, before that
+    acknowledgement is read: the answer dies with the actor (it owned the put), so the launcher must ask the
+    buffer whether the request landed, count it once and not re-issue it, and replace the actor."""
+    import ray
+
+    from launch.loop import Launcher
+
+    launcher = launcher_factory("--learner.total_steps", "4", "--actors.num_actors", "1",
+                                "--buffer.max_staleness", "1", "--learner.checkpoint_every", "0")
+    seen = {"killed": [], "recorded": []}
+    on_generate, on_recorded = launcher._on_generate, launcher._on_recorded
+
+    def kill_after_first_return(ref, call):
+        on_generate(ref, call)
+        if not seen["killed"]:
+            req, actor = call.data, launcher.fleet.slots[call.data.actor].actor
+            deadline = time.monotonic() + 60
+            while not ray.get(launcher.buffer.has_request.remote(req.id)):  # the put landed...
+                assert time.monotonic() < deadline, "the actor's put never reached the buffer"
+                time.sleep(0.01)
+            ray.kill(actor, no_restart=True)
+            with pytest.raises(ray.exceptions.RayActorError):  # ...and its owner is gone before the ack is read
+                ray.get(actor.pid.remote(), timeout=60)
+            seen["killed"].append(req.id)
+
+    def recorded(ref, call):
+        seen["recorded"].append((call.data[0].id, ray.get(ref)))
+        on_recorded(ref, call)
+
+    launcher.handlers.update(generate=kill_after_first_return, recorded=recorded)
+    assert isinstance(launcher, Launcher)
+    summary = launcher.run()
+    assert summary["steps"] == 4
+    first = seen["killed"][0]
+    assert (first, True) in seen["recorded"], seen  # the put landed although its acknowledgement was lost
+    ledger = summary["ledger"]
+    _assert_nothing_lost(ledger)
+    assert ledger["requests_reissued"] == 0 and ledger["duplicate_puts_refused"] == 0, ledger
+    assert any(e["event"] == "actor_restarted" for e in _events(launcher.run_dir))

@@ -1,5 +1,8 @@
-"""The generator's vLLM engine against transformers: behaviour log-probs, weight updates, prefix cache."""
+"""The generator's vLLM engine against transformers: behaviour log-probs, weight updates, prefix cache, and the
+prompt ids evaluation and training hand the engine."""
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -8,11 +11,26 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def generator(tiny_model_dir):
+def bos_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model, whose tokenizer now puts a BOS before every text it encodes by default (as Llama's does),
+    so a prompt encoded with the tokenizer's defaults differs from the one training samples from."""
+    from tokenizers import Tokenizer, processors
+
+    out = tmp_path_factory.mktemp("bos") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    bos = ("<|eos|>", tok.token_to_id("<|eos|>"))
+    tok.post_processor = processors.TemplateProcessing(single="<|eos|> $A", pair="<|eos|> $A $B", special_tokens=[bos])
+    tok.save(str(out / "tokenizer.json"))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def generator(bos_model_dir):
     from actors.config import ActorConfig
     from actors.generator import Generator
 
-    return Generator(ActorConfig(n=4, max_tokens=6, temperature=0.8, top_k=0), tiny_model_dir, "test-gen", max_model_len=64)
+    return Generator(ActorConfig(n=4, max_tokens=6, temperature=0.8, top_k=0), bos_model_dir, "test-gen", max_model_len=64)
 
 
 def _hf_logprobs(model, rows, temperature: float) -> list[torch.Tensor]:
@@ -66,3 +84,25 @@ def test_skips_prompts_longer_than_the_context(generator):
 
     res = generator.generate([Prompt("long", "1+" * 40 + "1=", "41"), Prompt("ok", "1+1=", "2")])
     assert res.skipped == {"prompt_too_long": 1} and res.groups == 1
+
+
+def test_evaluation_hands_the_engine_the_prompt_ids_training_does(generator, monkeypatch):
+    """Held-out reward measures the policy on the prompts it is trained on: evaluation and training encode a
+    prompt to the same ids, as the engine itself reports them (not the tokenizer's defaults, which add a BOS)."""
+    from actors.generator import Prompt
+
+    seen: list[list[list[int]]] = []  # per engine call, the prompt ids vLLM returned with its outputs
+    sample = generator.engine.sample
+
+    def recording(token_prompts, params):
+        outs = sample(token_prompts, params)
+        seen.append([list(o.prompt_token_ids) for o in outs])
+        return outs
+
+    monkeypatch.setattr(generator.engine, "sample", recording)
+    prompts = [Prompt("a", "1+2=", "3"), Prompt("b", "4+0=", "4")]
+    generator.generate(prompts)
+    generator.evaluate(prompts)
+    trained, evaluated = seen
+    assert evaluated == trained == [generator.encode(p) for p in prompts]
+    assert generator.engine.tokenizer(prompts[0].text)["input_ids"] != trained[0], "the tokenizer's defaults add nothing here"

@@ -42,10 +42,10 @@ def test_config_rejects_unknown_update_mode():
 
 
 def test_inflight_generator_refuses_push_transports_before_starting_an_engine():
-    from actors.inflight import InflightGenerator
+    from actors.generator import Generator
 
     with pytest.raises(ValueError, match="in_flight .* push engine 'nccl'"):
-        InflightGenerator(ActorConfig(weight_update_mode="in_flight"), "/no/model", "g", 64, weight_transfer_backend="nccl")
+        Generator(ActorConfig(weight_update_mode="in_flight"), "/no/model", "g", 64, weight_transfer_backend="nccl")
 
 
 def _rollout(rid: str, n_resp: int, policy_version: int, token_versions: list[int] | None = None) -> Rollout:
@@ -74,9 +74,9 @@ def test_learner_staleness_is_per_token():
 
 # ---- slow: the real async engine --------------------------------------------------------------------
 def _long_generator_cls():
-    from actors.inflight import InflightGenerator
+    from actors.generator import Generator
 
-    class LongInflightGenerator(InflightGenerator):
+    class LongInflightGenerator(Generator):
         """Every response runs to max_tokens (EOS does not stop it, the sampled distribution is unchanged),
         so the tiny model's short answers cannot finish before the pause."""
 
@@ -104,8 +104,8 @@ def split_run(tiny_model_dir):
 
     from actors.generator import Prompt
 
-    gen = _long_generator_cls()(ActorConfig(n=N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE),
-                                tiny_model_dir, "inflight-test", max_model_len=64)
+    cfg = ActorConfig(n=N, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, weight_update_mode="in_flight")
+    gen = _long_generator_cls()(cfg, tiny_model_dir, "inflight-test", max_model_len=64)
     try:
         old = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
         new = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -118,14 +118,14 @@ def split_run(tiny_model_dir):
         worker.start()
         deadline = time.monotonic() + 120
         while True:
-            seen = gen.progress()
+            seen = gen.engine.progress()
             if len(seen) == len(PROMPTS) * N and min(seen.values()) >= 4:
                 break
             assert worker.is_alive() and time.monotonic() < deadline, f"generation ended before the pause: {seen}"
             time.sleep(0.002)
         gen.load_weights(1, iter(new.state_dict().items()))  # lm_head.weight included: the head is tied
         worker.join(timeout=120)
-        layout = gen._run(gen.engine.collective_rpc("relay_weight_layout"))
+        layout = gen.engine.collective_rpc("relay_weight_layout")
         yield SimpleNamespace(result=out["result"], seen=seen, old=old, new=new, version_after=gen.version, layout=layout)
     finally:
         gen.close()
@@ -173,7 +173,7 @@ def test_token_versions_reach_the_buffer_and_the_learner_staleness(split_run):
     from buffer.replay import ReplayBuffer
 
     buf = ReplayBuffer(BufferConfig(max_staleness=1), groups_per_step=len(PROMPTS))
-    assert buf.try_admit(len(PROMPTS))
+    assert buf.try_admit(len(PROMPTS), 0)
     assert buf.put(split_run.result.batch) == len(PROMPTS)
     served = buf.sample(len(PROMPTS), learner_version=1, timeout=5)
     rows = {r.rollout_id: r for r in rollouts_from_arrow(split_run.result.batch)}
@@ -218,7 +218,7 @@ def test_rollout_actor_applies_offered_weights_during_a_request(transport_name, 
     from launch.config import ModelConfig
     from launch.model import build_default_model
     from tests.test_generator import _hf_logprobs
-    from transport.weights import make_transport
+    from transport.registry import make_transport
 
     model_dir = build_default_model(ModelConfig(warm_start_steps=0), max_operand=4,
                                     cache_dir=tmp_path_factory.mktemp("untrained"))
@@ -236,15 +236,17 @@ def test_rollout_actor_applies_offered_weights_during_a_request(transport_name, 
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         handle = transport.publish(1, dict(model.state_dict()))
-        request = actor.generate.remote([Prompt(*p) for p in PROMPTS], None, 60, "req-0")
+        request = actor.generate.remote([Prompt(*p) for p in PROMPTS], None, "req-0")
         deadline = time.monotonic() + 60
-        while ray.get(actor.progress.remote(), timeout=30) < 2 * len(PROMPTS) * cfg.n:
+        # a look into the actor on another of its threads, the one offer_weights is about to run on
+        sampled = lambda a: sum(a.gen.engine.progress().values())  # noqa: E731  (by value, into the actor)
+        while ray.get(actor.__ray_call__.remote(sampled), timeout=30) < 2 * len(PROMPTS) * cfg.n:
             assert time.monotonic() < deadline and not ray.wait([request], timeout=0)[0], "request ended first"
             time.sleep(0.005)
         offer_s = ray.get(actor.offer_weights.remote(handle), timeout=60)  # runs while generate is running
         assert offer_s > 0
         result = ray.get(request, timeout=120)
-        assert result.groups == len(PROMPTS) and result.load_s > 0
+        assert result.groups == len(PROMPTS) and result.load_s > 0 and ray.get(result.put, timeout=60) == len(PROMPTS)
         assert ray.get(actor.version.remote()) == 1
         rows = rollouts_from_arrow(ray.get(buffer.sample.remote(len(PROMPTS), 1, 10)))
         for r in rows:

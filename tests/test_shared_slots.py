@@ -18,7 +18,7 @@ import torch
 
 from tests.test_weight_sync import _hf, _perturbed, _prompts, _train_batch, dist_env  # noqa: F401  (fixture)
 from tests.test_generator import _check_match
-from transport.shared_slots import LayoutError, SharedMemorySlotTransport, Slot, vllm_layout
+from transport.shared_slots import LayoutError, SharedSlotTransport, Slot, vllm_layout
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +38,14 @@ def generator(tiny_model_dir):
 @pytest.fixture()
 def slots(generator, tmp_path):
     """A learner-side and a generator-side transport on one slot directory (two processes' views of it)."""
-    learner_side = SharedMemorySlotTransport(str(tmp_path / "slots"))
-    generator_side = SharedMemorySlotTransport(learner_side.dir)
-    generator_side.register_layout(generator.weight_layout())
+    learner_side = SharedSlotTransport(str(tmp_path / "slots"))
+    generator_side = SharedSlotTransport(learner_side.dir)
+    generator_side.attach(generator)
     return learner_side, generator_side
 
 
 def _model(generator):
-    return generator.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+    return generator.engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
 
 
 def _slot_files(directory) -> list[str]:
@@ -154,11 +154,11 @@ def test_unfinished_write_is_refused_and_a_stuck_writer_times_out(generator, slo
 
 
 def test_learner_errors_name_what_is_missing(generator, tmp_path, tiny_model_dir):
-    lonely = SharedMemorySlotTransport(str(tmp_path / "nobody"))
+    lonely = SharedSlotTransport(str(tmp_path / "nobody"))
     with pytest.raises(LayoutError, match="no generator registered a layout"):
         lonely.publish(1, _hf(tiny_model_dir).state_dict())
-    learner_side = SharedMemorySlotTransport(str(tmp_path / "slots"))
-    SharedMemorySlotTransport(learner_side.dir).register_layout(generator.weight_layout())
+    learner_side = SharedSlotTransport(str(tmp_path / "slots"))
+    SharedSlotTransport(learner_side.dir).attach(generator)
     state = _hf(tiny_model_dir).state_dict()
     del state["model.layers.0.self_attn.k_proj.weight"]
     with pytest.raises(KeyError, match="has no model.layers.0.self_attn.k_proj.weight, which the generators serve in "
@@ -166,5 +166,5 @@ def test_learner_errors_name_what_is_missing(generator, tmp_path, tiny_model_dir
         learner_side.publish(1, state)
     other = dict(generator.weight_layout(), id="0" * 40)
     with pytest.raises(LayoutError, match="differs from the one registered"):
-        SharedMemorySlotTransport(learner_side.dir).register_layout(other)
+        SharedSlotTransport(learner_side.dir).register_layout(other)
     assert json.loads((tmp_path / "slots" / "layout.json").read_text())["id"] == generator.weight_layout()["id"]

@@ -12,7 +12,8 @@ from actors.rewards import arithmetic_reward, math_verify_reward, resolve_reward
 from buffer.schema import Rollout, rollouts_from_arrow, rollouts_to_arrow
 from launch.data import PromptStream, load_prompts
 from learner.batch import shard_groups, to_tensors, token_logprobs
-from transport.weights import DiskTransport, WeightHandle
+from transport.base import WeightHandle
+from transport.disk import DiskTransport
 
 
 def test_arithmetic_reward_is_exact():

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from transport.engine import TimedClient
+from transport.push import TimedClient
 from transport.nccl import StateSource, nccl_buckets, run_with_deadline, update_info
 
 
@@ -54,7 +54,7 @@ def test_state_source_satisfies_vllm_metadata_contract():
 
 
 def test_nccl_without_cuda_is_a_clear_error(tmp_path):
-    from transport.weights import make_transport
+    from transport.registry import make_transport
 
     assert not torch.cuda.is_available()
     with pytest.raises(RuntimeError, match="'nccl' needs CUDA.*use 'object_store' or 'disk'"):

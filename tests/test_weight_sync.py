@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.test_generator import _check_match
-from transport.weights import DiskTransport
+from transport.disk import DiskTransport
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +31,16 @@ def generator(tiny_model_dir):
     cfg = ActorConfig(n=4, max_tokens=6, temperature=0.8, top_k=0, enable_prefix_caching=True)
     gen = Generator(cfg, tiny_model_dir, "gen-w", max_model_len=64, weight_transfer_backend="relay_cpu",
                     engine_kwargs={"block_size": 32})
-    assert gen.llm.llm_engine.vllm_config.cache_config.block_size == 32
+    assert gen.engine.llm.llm_engine.vllm_config.cache_config.block_size == 32
     return gen
 
 
 @pytest.fixture(scope="module")
 def push(generator):
-    from transport.engine import SharedMemoryTransport, TimedClient
+    from transport.cpu_push import CpuBucketPushTransport
 
-    t = SharedMemoryTransport(bucket_mb=0.05)  # ~50 KiB buckets: the 1.3 MB model travels in many of them
-    t.connect(TimedClient({"gen-w": generator}, timeout_s=60))
+    t = CpuBucketPushTransport(bucket_mb=0.05, timeout_s=60)  # ~50 KiB buckets: the 1.3 MB model travels in many
+    t.connect({"gen-w": generator})
     yield t
     t.close()
 
@@ -78,13 +78,13 @@ def _worst(generator, model) -> float:
 
 
 def test_prefix_cache_never_serves_blocks_of_old_weights(generator, push, tiny_model_dir):
-    prompt_len = len(generator.tokenizer(PROMPTS_TEXT[0], add_special_tokens=False)["input_ids"])
+    prompt_len = len(generator.encode(_prompts()[0]))
     assert prompt_len > 32, "prompts must fill a KV block for the prefix cache to matter"
     _check_match(generator, _hf(tiny_model_dir), _prompts(), tol=1e-4)  # caches the prompts' first blocks
 
     # negative control: new weights WITHOUT a cache reset reuse stale blocks, so this check can fail
     s1 = _perturbed(tiny_model_dir, seed=1)
-    generator.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(s1.items()), "is_checkpoint_format": True})
+    generator.engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(s1.items()), "is_checkpoint_format": True})
     assert _worst(generator, _hf(tiny_model_dir, s1)) > 1e-2
 
     generator.load_weights(1, iter(s1.items()))  # the pull path resets the cache
@@ -163,7 +163,7 @@ def test_generator_matches_learner_weights_under_zero(stage, path, generator, pu
 
 
 def test_failed_transfer_leaves_old_version_whole(generator, push, tiny_model_dir):
-    from transport.engine import SharedMemoryTransport, TimedClient
+    from transport.cpu_push import CpuBucketPushTransport
 
     old = _perturbed(tiny_model_dir, seed=7)
     v = generator.version + 1
@@ -192,8 +192,8 @@ def test_failed_transfer_leaves_old_version_whole(generator, push, tiny_model_di
             buckets[1]["path"] += ".gone"
             generator.apply_weight_update({"buckets": buckets}, version)
 
-    flaky = SharedMemoryTransport(bucket_mb=0.05)
-    flaky.connect(TimedClient({"gen-w": LosesSecondBucket()}, timeout_s=60))
+    flaky = CpuBucketPushTransport(bucket_mb=0.05, timeout_s=60)
+    flaky.connect({"gen-w": LosesSecondBucket()})
     with pytest.raises(RuntimeError, match=f"weights version {v + 1}: apply_weight_update failed on generator gen-w"):
         flaky.publish(v + 1, new)
     flaky.close()
@@ -213,12 +213,12 @@ def _param_ptrs(worker) -> dict[str, int]:
 def test_plain_layout_copies_in_place_and_an_incomplete_version_is_refused(generator, tiny_model_dir):
     """The default CPU layout: an update writes into the memory the engine already reads (no re-created or
     repacked layers), and a version that does not cover every parameter leaves the generator refusing to serve."""
-    assert generator.in_place
-    before = generator.llm.collective_rpc(_param_ptrs)[0]
+    assert generator.engine.in_place
+    before = generator.engine.llm.collective_rpc(_param_ptrs)[0]
     state = _perturbed(tiny_model_dir, seed=21)
     v = generator.version + 1
     generator.load_weights(v, iter(state.items()))
-    assert generator.llm.collective_rpc(_param_ptrs)[0] == before
+    assert generator.engine.llm.collective_rpc(_param_ptrs)[0] == before
     _check_match(generator, _hf(tiny_model_dir, state), _prompts(), tol=1e-4)
 
     partial = {k: t for k, t in _perturbed(tiny_model_dir, seed=22).items() if "layers.1.mlp" not in k}
@@ -271,8 +271,8 @@ def test_packed_layout_loads_through_vllms_reload(tiny_model_dir):
 
     cfg = ActorConfig(n=4, max_tokens=6, temperature=0.8, top_k=0, cpu_weight_layout="packed")
     gen = Generator(cfg, tiny_model_dir, "gen-packed", max_model_len=64)
-    assert not gen.in_place
-    linears = gen.llm.collective_rpc(lambda w: [type(m).__name__ for m in w.model_runner.get_model().modules()
+    assert not gen.engine.in_place
+    linears = gen.engine.llm.collective_rpc(lambda w: [type(m).__name__ for m in w.model_runner.get_model().modules()
                                                 if getattr(m, "cpu_linear", None) is torch.nn.functional.linear])[0]
     assert linears == [], f"layers not packed: {linears}"
     state = _perturbed(tiny_model_dir, seed=23)

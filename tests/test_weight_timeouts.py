@@ -5,7 +5,9 @@ import time
 
 import pytest
 
-from transport.weights import DiskTransport, ObjectStoreTransport, WeightHandle
+from transport.base import WeightHandle
+from transport.disk import DiskTransport
+from transport.object_store import ObjectStoreTransport
 
 
 def test_disk_fetch_of_a_file_that_never_appears(tmp_path):
@@ -59,7 +61,7 @@ class _Generator:
 @pytest.mark.slow
 def test_push_rpc_to_stuck_dead_or_failing_actors_is_named(ray_local):
     """The push transports' client over real Ray actors: every call has a deadline and names the generator."""
-    from transport.engine import TimedClient
+    from transport.push import TimedClient
 
     ray = ray_local
     cls = ray.remote(num_cpus=0)(_Generator)

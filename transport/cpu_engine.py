@@ -1,4 +1,4 @@
-"""The vLLM worker side of `SharedMemoryTransport`: a weight-transfer engine that runs on CPU.
+"""The vLLM worker side of `relay_cpu` (`transport.cpu_push.CpuBucketPushTransport`): a weight-transfer engine on CPU.
 
 vLLM's own engines (nccl, ipc, ...) all need CUDA. This one plugs into the same
 factory and the same worker methods, so `init_weight_transfer_engine` /

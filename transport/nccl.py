@@ -7,7 +7,7 @@ per version, drives vLLM's own trainer-side engine
 packed into buckets of `bucket_mb` (vLLM's packed format: a few large
 broadcasts, not one per parameter), every generator runs vLLM's
 `start_weight_update` / `update_weights` / `finish_weight_update` (with the
-version) as one `apply_weight_update` call (transport/engine.py, atomic client), so
+version) as one `apply_weight_update` call (transport/push.py, atomic client), so
 no request queued on a single-threaded actor runs in between. vLLM's worker
 engine loads each bucket as it arrives inside a layerwise reload; a generator
 whose update did not finish refuses to serve (actors/generator.py), so it serves
@@ -25,14 +25,13 @@ CI (CPU only); its bucket plan and metadata are tested against vLLM's own code.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Callable, Iterator
 
 import torch
 
+from transport.base import Defer, TransportOptions, WeightHandle
 from transport.buckets import dtype_name
-from transport.engine import PushTransport, TimedClient
-from transport.weights import WeightHandle
+from transport.push import PushTransport, TimedClient
 
 
 def require_cuda() -> None:
@@ -103,18 +102,23 @@ def run_with_deadline(fn: Callable[[], None], timeout_s: float, what: str) -> No
         raise box["exc"]
 
 
-class NcclTransport(PushTransport):
+class NcclPushTransport(PushTransport):
     name = "nccl"
 
     def __init__(self, bucket_mb: float, timeout_s: float, master_address: str, master_port: int):
         require_cuda()
+        super().__init__(timeout_s)
         self.bucket_bytes = int(bucket_mb * 2**20)
-        self.timeout_s, self.master_address, self.master_port = timeout_s, master_address, master_port
+        self.master_address, self.master_port = master_address, master_port
         self.source = StateSource()
         self.engine = None
         self.broken: str | None = None
 
-    def connect(self, client: TimedClient) -> None:
+    @classmethod
+    def from_options(cls, options: TransportOptions) -> NcclPushTransport:
+        return cls(options.bucket_mb, options.timeout_s, options.master_address, options.master_port)
+
+    def _join(self, client: TimedClient) -> None:
         """Rank 0 of the learner only. Joins the NCCL group: rank 0 here, each generator's workers after it
         (`client.workers_per_generator` ranks each, tensor x pipeline parallel size)."""
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
@@ -127,9 +131,10 @@ class NcclTransport(PushTransport):
         run_with_deadline(lambda: box.setdefault("engine", NCCLTrainerWeightTransferEngine.trainer_init(
             info, client=client, source=self.source)), self.timeout_s,
             f"NCCL rendezvous at {self.master_address}:{self.master_port} with generators {peers}")
-        self.engine, self.client = box["engine"], client
+        self.engine = box["engine"]
 
-    def publish(self, version: int, state: dict[str, torch.Tensor]) -> WeightHandle:
+    def publish(self, version: int, state: dict[str, torch.Tensor], defer: Defer | None = None) -> WeightHandle:
+        """Returns once every generator serves `version`; `defer` is not used (the broadcast reads `state`)."""
         client = self._client(version)
         if self.broken:
             raise RuntimeError(f"weights version {version}: the NCCL group is unusable after {self.broken}")
@@ -146,5 +151,4 @@ class NcclTransport(PushTransport):
             self.source.state = {}
         info = update_info(state)
         buckets = nccl_buckets(info["names"], [t.nbytes for t in state.values()], self.bucket_bytes)
-        return WeightHandle(version, self.name, {**info, "buckets": buckets}, sum(t.nbytes for t in state.values()),
-                            {}, time.time())
+        return self._handle(version, {**info, "buckets": buckets}, sum(t.nbytes for t in state.values()))

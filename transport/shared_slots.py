@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from transport.weights import WeightHandle, WeightTransport
+from transport.base import Defer, WeightHandle, WeightReceiver, WeightTransport
 
 HEADER = 4096  # bytes before the first region; regions start 64-byte aligned
 _HEAD = struct.Struct("<8sqq40s")  # magic, version, sealed, layout id
@@ -167,11 +167,11 @@ class Slot:
 
 
 # ---- the transport ----------------------------------------------------------------------------------------------
-class SharedMemorySlotTransport(WeightTransport):
+class SharedSlotTransport(WeightTransport):
     """Learner: `write` a version into a free slot. Generator: `apply` points the engine at it."""
 
     name = "shared_memory"
-    deferred = True  # a learner rank runs `write` on its second thread; the handle carries that call's result
+    crosses_nodes = False  # the learner and the generators map the same /dev/shm files
 
     def __init__(self, directory: str | None = None, threads: int | None = None):
         base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -195,6 +195,10 @@ class SharedMemorySlotTransport(WeightTransport):
         self._init_local()
 
     # -- generator side --
+    def attach(self, receiver: WeightReceiver) -> None:
+        """The learner writes every version in this generator's layout."""
+        self.register_layout(receiver.weight_layout())
+
     def register_layout(self, layout: dict) -> None:
         """A generator says how its model holds the weights; every generator of a run must agree."""
         os.makedirs(self.dir, exist_ok=True)
@@ -212,7 +216,7 @@ class SharedMemorySlotTransport(WeightTransport):
             tmp.unlink(missing_ok=True)
         self._layout = layout
 
-    def apply(self, handle: WeightHandle, generator, timeout_s: float) -> None:
+    def apply(self, handle: WeightHandle, generator: WeightReceiver, timeout_s: float) -> None:
         """Serve the version of `handle` (or a newer one its slot now holds) by pointing the engine at its slot."""
         info = _resolve(handle, timeout_s)
         layout = generator.weight_layout()
@@ -297,9 +301,13 @@ class SharedMemorySlotTransport(WeightTransport):
         for f in futures:
             f.result()
 
-    def publish(self, version: int, state: dict[str, torch.Tensor]) -> WeightHandle:
-        info = self.write(version, state)  # outside a learner rank: written before the handle exists
-        return WeightHandle(version, self.name, info, self._layout["nbytes"], {}, time.time())
+    def publish(self, version: int, state: dict[str, torch.Tensor], defer: Defer | None = None) -> WeightHandle:
+        """With `defer` (a learner rank) the handle carries the ObjectRef of the `write` on the rank's second
+        thread; without it the version is written before the handle exists."""
+        if defer is not None:
+            return self._handle(version, defer(lambda: self.write(version, state)), sum(t.nbytes for t in state.values()))
+        info = self.write(version, state)
+        return self._handle(version, info, self._layout["nbytes"])
 
     def fetch(self, handle: WeightHandle, timeout_s: float):
         raise RuntimeError(f"weights version {handle.version}: the shared_memory transport is served in place "

@@ -1,11 +1,11 @@
-"""Weights pushed through vLLM's weight-transfer engine API, with a deadline on every call.
+"""The trainer side of vLLM's weight-transfer engine API, shared by the push transports, with a deadline on every call.
 
 vLLM exposes one control plane for live weight updates: `init_weight_transfer_engine`
 once, then per version `start_weight_update`, `update_weights` (one call that
 carries or streams every bucket) and `finish_weight_update`. The engine named in
 the vLLM config moves the data: `nccl` on GPU clusters (transport/nccl.py),
-`relay_cpu` on one CPU host (transport/cpu_engine.py, buckets through shared
-memory), so the same call sequence runs in CPU tests.
+`relay_cpu` on one CPU host (transport/cpu_push.py, whose worker side is
+transport/cpu_engine.py), so the same call sequence runs in CPU tests.
 
 These transports push: `publish` returns once every generator has applied the
 version whole, so there is nothing left for a generator to fetch. Every call
@@ -14,19 +14,11 @@ to a generator has a deadline; a generator that does not answer produces a
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import threading
 import time
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from transport.buckets import BucketMeta, pack_bucket, plan_for_state
-from transport.weights import NamedTensors, WeightHandle, WeightTransport
+from transport.base import NamedTensors, WeightHandle, WeightTransport
 
 
 class TimedClient:
@@ -90,10 +82,6 @@ class TimedClient:
         if not self.atomic:
             self._call("finish_weight_update", weight_version if weight_version is not None else str(self.version))
 
-    def shutdown_weight_transfer_engine(self) -> None:
-        self._call("shutdown_weight_transfer_engine")
-
-
 
 def _run_into(results: dict, name: str, fn, args: tuple) -> None:
     try:
@@ -111,14 +99,21 @@ def _run_into(results: dict, name: str, fn, args: tuple) -> None:
 class PushTransport(WeightTransport):
     """A transport that applies each version in every generator during `publish`."""
 
-    client: TimedClient | None = None
+    pushes = True
 
-    def connect(self, client: TimedClient) -> None:
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.client: TimedClient | None = None
+
+    def connect(self, peers: dict[str, Any]) -> None:
+        """Join every generator at once, within `timeout_s`; a generator that joins later is not reached."""
+        client = TimedClient(peers, self.timeout_s)
+        self._join(client)
         self.client = client
-        self.client.init_weight_transfer_engine(self.init_info())
 
-    def init_info(self) -> dict:
-        return {}
+    def _join(self, client: TimedClient) -> None:
+        """Set up each generator's side of the transfer engine (nothing to rendezvous by default)."""
+        client.init_weight_transfer_engine({})
 
     def _client(self, version: int) -> TimedClient:
         if self.client is None:
@@ -129,48 +124,3 @@ class PushTransport(WeightTransport):
     def fetch(self, handle: WeightHandle, timeout_s: float) -> NamedTensors:
         raise RuntimeError(f"weights version {handle.version}: the {self.name} transport pushes weights during publish; "
                            "a generator that did not receive it cannot fetch it later")
-
-
-class SharedMemoryTransport(PushTransport):
-    """CPU stand-in for NCCL through the same vLLM API: each bucket is a file in shared memory (/dev/shm);
-    one `update_weights` call carries every bucket's path and layout. Generators must share the host."""
-
-    name = "relay_cpu"
-
-    def __init__(self, bucket_mb: float = 256.0, directory: str | None = None):
-        self.bucket_bytes = max(int(bucket_mb * 2**20), 1)
-        base = directory or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
-        self.dir = Path(tempfile.mkdtemp(prefix="relay-weights-", dir=base))
-
-    def publish(self, version: int, state: dict[str, torch.Tensor]) -> WeightHandle:
-        client = self._client(version)
-        plan = plan_for_state(state, self.bucket_bytes)
-        if not plan:
-            raise ValueError(f"weights version {version}: the state holds no tensors")
-        client.version = version
-        vdir = self.dir / f"v{version:08d}"
-        vdir.mkdir(exist_ok=True)
-        try:
-            buckets = []
-            for bucket in plan:
-                path = vdir / f"bucket{bucket.index:05d}.bin"
-                _write_bucket(state, bucket, path)
-                buckets.append({"path": str(path), "bucket": asdict(bucket)})
-            client.start_weight_update()
-            client.update_weights({"buckets": buckets})  # one call per version; the data stays in shared memory
-            client.finish_weight_update()
-        finally:
-            shutil.rmtree(vdir, ignore_errors=True)
-        return WeightHandle(version, self.name, {"buckets": plan}, sum(b.nbytes for b in plan), {}, time.time())
-
-    def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _write_bucket(state: dict[str, torch.Tensor], bucket: BucketMeta, path: Path) -> None:
-    """Pack straight into a file-backed buffer, then rename, so a reader never sees a partial bucket."""
-    tmp = path.with_suffix(".tmp")
-    buf = torch.from_file(str(tmp), shared=True, size=bucket.nbytes, dtype=torch.uint8)
-    pack_bucket(state, bucket, out=buf)
-    del buf
-    os.replace(tmp, path)

@@ -1,0 +1,162 @@
+"""The components of one run, built and torn down in one place: prompts, weight transport, replay buffer,
+learner ranks, and what the rollout fleet needs to start. The event loop (launch/loop.py) drives them."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import ray
+
+from buffer.actor import make_buffer_actor
+from launch.config import RunConfig
+from launch.control import ControlFile
+from launch.data import PromptStream, load_prompts
+from launch.fleet import RolloutFleet
+from launch.ledger import ledger, summarize
+from launch.metrics import MetricsLog
+from learner.actor import make_learner_ranks
+from transport.registry import make_transport, transport_class
+
+if TYPE_CHECKING:
+    from launch.state import RunState
+
+
+class RunParts:
+    def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str):
+        self.cfg, self.run_dir = cfg, run_dir
+        prompt_set = load_prompts(cfg.data.train, cfg.data.max_operand)
+        self.skipped: Counter[str] = Counter(prompt_set.skipped)
+        self.stream = PromptStream(prompt_set.prompts, cfg.data.seed)
+        self.eval_prompts = load_prompts(cfg.data.eval, cfg.data.max_operand).prompts if cfg.data.eval else []
+        kind = transport_class(cfg.weights.transport)
+        if not kind.crosses_nodes and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+            raise ValueError(f"weights.transport={cfg.weights.transport} needs the learner and every generator on one "
+                             "host, and this Ray cluster has several nodes: use object_store")
+        # a push transport's trainer side lives on learner rank 0 (NCCL needs its GPU): built in await_learner
+        self.push_backend = cfg.weights.transport if kind.pushes else None
+        self.transport = None if kind.pushes else make_transport(cfg.weights.transport, run_dir=str(run_dir))
+        self.buffer = make_buffer_actor(cfg.buffer, cfg.learner.groups_per_step, str(run_dir))
+        self.ranks = make_learner_ranks(cfg.learner, model_path=model_path, group_size=cfg.actors.n,
+                                        temperature=cfg.actors.temperature, transport=self.transport)
+
+    def fleet(self, make_actor: Callable[[str], object]) -> RolloutFleet:
+        self._fleet = RolloutFleet(make_actor, self.cfg.actors.max_failures)
+        self._control = ControlFile(self.run_dir)  # from now on, control.json steers this fleet
+        return self._fleet
+
+    def apply_control(self, state: RunState) -> bool:
+        """Follow control.json (launch.scale): resize the fleet; returns whether a stop was asked for."""
+        control = self._control.poll()
+        if control is None:
+            return False
+        n = control.rollout_actors
+        if n is not None and n != state.rollout_actors and self.push_backend is not None:
+            self._fleet.events.append({"event": "scale_refused", "actor": f"{n} requested",
+                                       "error": f"weights.transport={self.push_backend} keeps the fleet fixed"})
+        elif n is not None and n != state.rollout_actors:
+            state.rollout_actors = n
+            self._fleet.scale_to(n)
+        return control.stop
+
+    def await_learner(self, fleet: RolloutFleet) -> None:
+        """Start-up: the learner ranks answer (and, for a push transport, every generator joined the group)."""
+        R = self.cfg.ray
+        try:
+            ray.get([r.node_ip.remote() for r in self.ranks], timeout=R.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise TimeoutError(f"the {len(self.ranks)} learner rank(s) did not start within ray.startup_timeout_s="
+                               f"{R.startup_timeout_s}s (not enough CPUs/GPUs free for learner.num_cpus/num_gpus?)") from exc
+        if self.push_backend is not None:
+            self._connect_push_transport(fleet)
+
+    def _connect_push_transport(self, fleet: RolloutFleet) -> None:
+        """Every generator must be up to join the transfer group (an NCCL rendezvous is all or nothing)."""
+        timeout = self.cfg.ray.startup_timeout_s
+        starting = fleet.starting_refs()
+        ready, pending = ray.wait(list(starting), num_returns=len(starting), timeout=timeout) if starting else ([], [])
+        if pending:
+            raise TimeoutError(f"{len(pending)} rollout actor(s) did not start within ray.startup_timeout_s={timeout}s")
+        for ref in ready:
+            fleet.on_ready(starting[ref])
+        W = self.cfg.weights
+        peers = {s.generator_id: s.actor for s in fleet.slots.values()}
+        # rank 0 connects (and names a generator that does not answer within weights.timeout_s); the others
+        # only learn that they publish nothing
+        ray.get([rank.connect_generators.remote(W.transport, W.bucket_mb, W.timeout_s, peers) for rank in self.ranks],
+                timeout=timeout + W.timeout_s)
+
+    def publish_fleet(self, log: MetricsLog, state: RunState) -> None:
+        """Fleet events into events.jsonl, and `actors.json` for operators whenever the fleet changed."""
+        for event in self._fleet.events:
+            log.event({"step": state.step, **event})
+        if self._fleet.events or not (self.run_dir / "actors.json").exists():
+            (self.run_dir / "actors.json").write_text(json.dumps({**self._fleet.snapshot(), "target": state.rollout_actors}))
+        self._fleet.events.clear()
+
+    def checkpoint(self, state: RunState, log: MetricsLog) -> None:
+        from launch import checkpoint
+
+        cfg, state.stream = self.cfg, self.stream.state()
+        try:
+            path = checkpoint.save(self.run_dir, state.step, self.ranks, self.buffer, state.to_json(),
+                                   cfg.learner.checkpoint_keep, cfg.ray.rpc_timeout_s)
+        except ray.exceptions.RayActorError as exc:  # the previous checkpoint is intact: resume from it
+            raise learner_died(cfg, self.run_dir, f"the checkpoint of step {state.step}") from exc
+        log.event({"step": state.step, "event": "checkpoint", "path": str(path)})
+
+    def restore(self, path: Path) -> RunState:
+        """Start-up of a resumed run, before any rollout actor exists (blocking calls are fine here): learner
+        ranks, buffer and data position from checkpoint `path`. The returned state keeps only the requests
+        that were open at the checkpoint and that the buffer did not record: those are re-issued."""
+        from launch import checkpoint
+        from launch.state import RunState
+
+        saved = RunState.from_json(checkpoint.load_state(path))
+        steps = ray.get([r.load_checkpoint.remote(str(path / "learner")) for r in self.ranks],
+                        timeout=self.cfg.ray.startup_timeout_s)
+        if set(steps) != {saved.step}:
+            raise RuntimeError(f"checkpoint {path}: learner ranks restored steps {steps}, launcher state says {saved.step}")
+        timeout = self.cfg.ray.rpc_timeout_s
+        ray.get(self.buffer.load.remote(str(path / "buffer")), timeout=timeout)
+        self.stream.restore(saved.stream)
+        recorded = ray.get([self.buffer.has_request.remote(i) for i in saved.requests], timeout=timeout)
+        for request_id, done in zip(list(saved.requests), recorded):
+            if done:
+                del saved.requests[request_id]
+        return saved
+
+    def summary(self, state: RunState, history: list[dict], wall_s: float, start_step: int, stopped: bool) -> dict:
+        """summary.json: the run's outcome, the final weights, and the ledger of every group dispatched."""
+        timeout = self.cfg.ray.rpc_timeout_s
+        final = ray.get([r.save_pretrained.remote(str(self.run_dir / "final")) for r in self.ranks], timeout=timeout)[0]
+        buffer_stats = ray.get(self.buffer.stats.remote(), timeout=timeout)
+        out = summarize(history, wall_s, final, buffer_stats, dict(state.skipped))
+        unfinished = sum(len(r.prompts) for r in state.requests.values())
+        out["ledger"] = ledger(state.groups_dispatched, state.request_seq, state.reissued, unfinished, state.trained,
+                               ray.get(self.buffer.ledger.remote(), timeout=timeout), buffer_stats,
+                               self.cfg.buffer.max_reuse)
+        out.update(reward_faults=dict(state.reward_faults), resumed_from_step=start_step, stopped_at_request=stopped)
+        return out
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # e.g. the shared-memory slots in /dev/shm
+
+
+def learner_died(cfg: RunConfig, run_dir: Path, during: str) -> RuntimeError:
+    hint = f"; resume with: python -m launch.train --resume {run_dir}" if cfg.learner.checkpoint_every else ""
+    return RuntimeError(f"a learner rank died during {during}{hint}")
+
+
+def step_record(state: RunState, policy_version: int, metrics: dict, throughput: dict, last_load_s: float,
+                fleet: RolloutFleet) -> dict:
+    """One metrics.jsonl line: the learner's metrics plus what the launcher measured since the last step."""
+    return {
+        "step": state.step, "policy_version": policy_version, **metrics, **throughput,
+        "weight_load_s": last_load_s, "rollout_actors": len(fleet.slots),
+        "actor_restarts": sum(s.restarts for s in fleet.slots.values()),
+        **{f"skipped/{k}": v for k, v in state.skipped.items()},
+        **{f"reward_faults/{k}": v for k, v in state.reward_faults.items()},
+    }

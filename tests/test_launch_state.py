@@ -1,0 +1,41 @@
+"""The launcher's pure parts: its state record (what checkpoints hold) and its deadline bookkeeping."""
+from __future__ import annotations
+
+import json
+import time
+
+from actors.generator import Prompt
+from launch.calls import Calls
+from launch.state import RunState
+
+
+def test_run_state_survives_json_whole():
+    state = RunState(step=7, stream={"epoch": 1, "index": 3}, rollout_actors=2)
+    open_req = state.new_request([Prompt("p1", "1+1=", "2"), Prompt("p2", "2+2=", "4")])
+    done = state.new_request([Prompt("p3", "3+3=", "6")])
+    del state.requests[done.id]  # acknowledged: no longer open
+    open_req.attempts, open_req.offered_version = 2, 6
+    state.skipped.update({"prompt_too_long": 3})
+    state.reward_faults.update({"nan": 1})
+    state.trained.update(["g1", "g1", "g2"])
+    restored = RunState.from_json(json.loads(json.dumps(state.to_json())))
+    assert restored == state
+    assert restored.requests[open_req.id].prompts[1] == Prompt("p2", "2+2=", "4")
+    assert restored.trained["g1"] == 2 and restored.skipped["prompt_too_long"] == 3
+    assert (restored.request_seq, restored.groups_dispatched) == (2, 3)  # ids keep counting after a resume
+    assert restored.new_request([]).id == "req-000000002"
+
+
+def test_calls_hand_back_overdue_ones_once():
+    calls = Calls()
+    calls.add("slow", "generate", timeout_s=0.05, data="r1")
+    calls.add("fine", "learn", timeout_s=60)
+    calls.add("other", "admit", timeout_s=60)
+    assert calls.overdue() == []
+    time.sleep(0.06)
+    late = calls.overdue()
+    assert [(ref, c.kind, c.data) for ref, c in late] == [("slow", "generate", "r1")]
+    assert abs(late[0][1].deadline - late[0][1].since - 0.05) < 1e-9
+    assert calls.overdue() == [] and not calls.has("generate") and calls.has("learn")
+    calls.drop("learn", "admit")
+    assert not calls.has("learn") and not calls.has("admit") and not calls.knows("fine")
