@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import Counter
 
 import ray
 
@@ -56,8 +55,6 @@ class RolloutActor:
         load_s = self.sync(handle)
         result = self.gen.generate(prompts)
         result.load_s += load_s  # plus, in_flight, the time generation stood paused for swaps during the request
-        if result.batch is not None:  # samples whose reward raised or was not finite: scored 0, counted by reason
-            result.reward_faults = dict(Counter(x for x in result.batch.column("reward_info").to_pylist() if x))
         result.put = self.buffer.put.remote(result.batch, None, request_id, result.skipped)
         result.batch = None  # the rows went to the buffer; only the summary returns to the launcher
         return result

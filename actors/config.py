@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ActorConfig(BaseModel):
@@ -42,5 +42,18 @@ class ActorConfig(BaseModel):
     cpu_weight_layout: Literal["plain", "packed"] = "plain"
     """CPU engines: plain keeps linear weights in PyTorch layout so an update is an in-place copy; packed is vLLM's
     default (oneDNN repack at every load, 6-10x the copy). See transport/plain_weights.py. Ignored on GPU."""
+    requests_per_actor: int = Field(2, ge=1, le=8)
+    """Generation requests the launcher keeps queued on each rollout actor. With 2 the next request is already
+    waiting when one finishes, so the engine never idles for a Ray round trip; each request samples with the newest
+    weights it was sent with (the staleness bound holds either way). in_flight actors take 1, their default."""
     max_failures: int = Field(3, ge=1)
     """A rollout actor that fails (dies, errors, or overruns ray.rpc_timeout_s) this many times in a row stops the run."""
+
+    @model_validator(mode="after")
+    def _in_flight_serves_one_request_at_a_time(self) -> "ActorConfig":
+        # an in_flight actor is threaded (weights arrive during a request): queued requests would run concurrently
+        if self.weight_update_mode == "in_flight" and self.requests_per_actor > 1:
+            if "requests_per_actor" in self.model_fields_set:
+                raise ValueError("actors.requests_per_actor must be 1 with weight_update_mode in_flight")
+            self.requests_per_actor = 1
+        return self

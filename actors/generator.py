@@ -66,9 +66,13 @@ class Generator:
                                            weight_transfer_backend, engine_kwargs)
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """The token ids the engine sees for `prompt`, in training, evaluation and in-flight generation alike.
-        The text is the whole prompt: no special tokens are added around it."""
-        return self.engine.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+        """The token ids the engine sees for `prompt`, in training, evaluation and in-flight generation alike."""
+        return self.encode_all([prompt])[0]
+
+    def encode_all(self, prompts: list[Prompt]) -> list[list[int]]:
+        """`encode` of many prompts in one tokenizer call. The text is the whole prompt: no special tokens are
+        added around it."""
+        return self.engine.tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"] if prompts else []
 
     def close(self) -> None:
         self.engine.close()
@@ -160,8 +164,7 @@ class Generator:
         t0, loading0 = time.time(), self.engine.loading_s()
         skipped: Counter[str] = Counter()
         kept, token_prompts = [], []
-        for p in prompts:
-            ids = self.encode(p)
+        for p, ids in zip(prompts, self.encode_all(prompts)):
             if len(ids) + self.cfg.max_tokens > self.max_model_len or not ids:
                 skipped["prompt_too_long" if ids else "prompt_empty"] += 1
                 continue
@@ -177,8 +180,9 @@ class Generator:
                 rows.extend(group)
         batch = rollouts_to_arrow(rows) if rows else None
         tokens = sum(len(r.behaviour_logprobs) for r in rows)
+        faults = Counter(r.reward_info for r in rows if r.reward_info)  # samples scored 0: the reward raised or was NaN
         return GenerationResult(batch, len(rows) // self.cfg.n, tokens, self.version, time.time() - t0,
-                                self.engine.loading_s() - loading0, dict(skipped))
+                                self.engine.loading_s() - loading0, dict(skipped), reward_faults=dict(faults))
 
     def _group(self, prompt: Prompt, out: Output, t_start: float) -> tuple[list[Rollout], str]:
         """One prompt's n samples as Rollouts; a group with unusable samples is dropped whole (with a reason)
@@ -186,7 +190,7 @@ class Generator:
         policy_version is its oldest token's: what the buffer's staleness bound measures."""
         group_id = uuid.uuid4().hex
         rows = []
-        for comp in out.outputs:
+        for i, comp in enumerate(out.outputs):
             ids = list(comp.token_ids)
             if not ids:
                 return [], "empty_generation"
@@ -196,7 +200,7 @@ class Generator:
             reward, info = safe_reward(self.reward_fn, comp.text, prompt.answer)
             rows.append(
                 Rollout(
-                    rollout_id=uuid.uuid4().hex,
+                    rollout_id=f"{group_id}-{i}",  # unique as the group id is; one uuid per group is enough
                     prompt_id=prompt.id,
                     group_id=group_id,
                     group_size=self.cfg.n,
@@ -219,7 +223,7 @@ class Generator:
     def evaluate(self, prompts: list[Prompt]) -> dict[str, float]:
         """Greedy decoding on held-out prompts, encoded as training encodes them: mean reward and response length."""
         self._check_whole()
-        outs = self.engine.sample([self.encode(p) for p in prompts], self.sampling_params(greedy=True))
+        outs = self.engine.sample(self.encode_all(prompts), self.sampling_params(greedy=True))
         scores = [safe_reward(self.reward_fn, o.outputs[0].text, p.answer)[0] for p, o in zip(prompts, outs)]
         lengths = [len(o.outputs[0].token_ids) for o in outs]
         return {"eval/reward_mean": sum(scores) / len(scores), "eval/response_length_mean": sum(lengths) / len(lengths)}

@@ -1,8 +1,9 @@
 """Rollout path vs bare vLLM: tokens/s through Relay's rollout actor against `LLM.generate` alone.
 
 Relay's path is everything a request costs: the Ray call, sampling with
-behaviour log-probs, scoring, the Arrow record batch and the buffer insert,
-timed from the driver. The baseline is the same engine's `LLM.generate` on the
+behaviour log-probs, scoring, the Arrow record batch and the buffer insert
+(acknowledged), timed from the driver, with as many requests queued per actor
+as the launcher keeps (`actors.requests_per_actor`). The baseline is the same engine's `LLM.generate` on the
 same token prompts and `SamplingParams`, timed inside its own actor (so no Ray
 call is in it), in an actor with the same CPU reservation and environment.
 Both run the default job's model and sampling settings, alternately.
@@ -67,15 +68,24 @@ def start_actors(cfg: ActorConfig, model_path: str, count: int, buffer, transpor
     return actors
 
 
-def relay_tokens_per_s(actors: list, requests: list[list[Prompt]], parts: dict | None = None) -> tuple[int, float]:
-    """(tokens, seconds) for the requests spread over the actors, each actor serving its share in turn, until
-    the buffer acknowledged every put (as the launcher waits for them); `parts` collects where an actor's time
-    went (summed over requests): generating (`gen_s`) and waiting for acknowledgements after the last
-    generation returned (`ack_tail_s`, the only part of the puts not overlapped with sampling)."""
+def relay_tokens_per_s(actors: list, requests: list[list[Prompt]], parts: dict | None = None,
+                       depth: int = ActorConfig().requests_per_actor) -> tuple[int, float]:
+    """(tokens, seconds) for the requests spread over the actors, each actor holding up to `depth` of its share
+    at a time as the launcher does (`actors.requests_per_actor`), until the buffer acknowledged every put (as the
+    launcher waits for them); `parts` collects where an actor's time went (summed over requests): generating
+    (`gen_s`) and waiting for acknowledgements after the last generation returned (`ack_tail_s`, the only part
+    of the puts not overlapped with sampling)."""
     t0 = time.perf_counter()
     pending = {a: requests[i :: len(actors)] for i, a in enumerate(actors)}
     ids = iter(range(10**9))
-    inflight = {a.generate.remote(pending[a].pop(0), None, f"bench-{next(ids)}"): a for a in actors if pending[a]}
+    inflight = {}
+
+    def submit(actor):
+        inflight[actor.generate.remote(pending[actor].pop(0), None, f"bench-{next(ids)}")] = actor
+
+    for a in actors:
+        for _ in range(min(depth, len(pending[a]))):
+            submit(a)
     tokens, acks = 0, []
     while inflight:
         [ref], _ = ray.wait(list(inflight), num_returns=1)
@@ -86,7 +96,7 @@ def relay_tokens_per_s(actors: list, requests: list[list[Prompt]], parts: dict |
         if parts is not None:
             parts["gen_s"] = parts.get("gen_s", 0.0) + res.gen_s
         if pending[actor]:
-            inflight[actor.generate.remote(pending[actor].pop(0), None, f"bench-{next(ids)}")] = actor
+            submit(actor)
     t_gen = time.perf_counter()
     ray.get(acks)
     if parts is not None:

@@ -2,8 +2,9 @@
 
 A plain bookkeeping class over Ray actor handles; the launcher's event loop owns
 it. Each slot's actor is `starting` (its engine is loading; a `ready` future is
-pending), `idle`, `busy` (one generation request in flight) or `retiring`
-(scaled away: it finishes its request, then is killed). A failed actor is
+pending), `idle`, `busy` (calls outstanding: up to `actors.requests_per_actor`
+generation requests, queued in the actor in order, or one evaluation) or
+`retiring` (scaled away: it finishes what it holds, then is killed). A failed actor is
 replaced in the same slot with a fresh generator id (so its sampling seed
 differs); after `max_failures` failures in a row without a success, the run
 stops with an error naming the actor rather than looping.
@@ -27,6 +28,7 @@ class Slot:
     actor: object
     generator_id: str
     state: str = "starting"  # starting | idle | busy | retiring
+    calls: int = 0  # calls outstanding on the actor (generation requests or an evaluation)
     ready: object = None  # ObjectRef of the actor's first call while starting
     failures: int = 0  # consecutive
     restarts: int = 0
@@ -71,6 +73,7 @@ class RolloutFleet:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def starting_refs(self) -> dict:
+        """{ObjectRef of the start-up call: slot index} of the actors still starting."""
         return {s.ready: s.index for s in self.slots.values() if s.state == "starting"}
 
     def on_ready(self, index: int) -> None:
@@ -87,9 +90,37 @@ class RolloutFleet:
     def idle(self) -> list[int]:
         return sorted(i for i, s in self.slots.items() if s.state == "idle")
 
+    def places(self, depth: int, drain_one: bool = False) -> list[int]:
+        """Where generation requests can go now: each live actor once per call it can still queue (up to
+        `depth`), least loaded first. `drain_one`: the first live actor gets none, so it becomes idle (an
+        evaluation waits for it)."""
+        live = sorted(i for i, s in self.slots.items() if s.state in ("idle", "busy"))
+        free = sorted((self.slots[i].calls, i) for i in live[1 if drain_one else 0:])
+        return [i for calls, i in free for _ in range(depth - calls)]
+
+    def on_ready_of(self, index: int, generator_id: str) -> None:
+        """A start-up call answered; ignored if that actor is gone (scaled away or replaced) meanwhile."""
+        if self.holds(index, generator_id) and self.slots[index].state == "starting":
+            self.on_ready(index)
+
     def busy(self, index: int) -> object:
-        self.slots[index].state = "busy"
-        return self.slots[index].actor
+        slot = self.slots[index]
+        slot.state, slot.calls = "busy", slot.calls + 1
+        return slot.actor
+
+    def holds(self, index: int, generator_id: str) -> bool:
+        """Whether `index` still holds the actor `generator_id` (a failed one was replaced under a new id)."""
+        return index in self.slots and self.slots[index].generator_id == generator_id
+
+    def _done(self, index: int) -> None:
+        slot = self.slots[index]
+        slot.calls = max(slot.calls - 1, 0)
+        if slot.calls:
+            return
+        if slot.state == "retiring":
+            self._remove(index)
+        else:
+            slot.state = "idle"
 
     def on_success(self, index: int, version: int, offered_version: int) -> None:
         """A request finished; the first one of each actor records the weights it sampled under."""
@@ -98,10 +129,7 @@ class RolloutFleet:
             self.events.append({"event": "actor_first_result", "actor": slot.generator_id, "version": version,
                                 "offered_version": offered_version})
         slot.failures, slot.requests_done = 0, slot.requests_done + 1
-        if slot.state == "retiring":
-            self._remove(index)
-        else:
-            slot.state = "idle"
+        self._done(index)
 
     def offer_weights(self, handle) -> dict:
         """Hand `handle` to every live actor now (in-flight updates); returns {ObjectRef: generator id}."""
@@ -110,10 +138,7 @@ class RolloutFleet:
 
     def on_idle(self, index: int) -> None:
         """A call that was not a generation request (an evaluation) finished on the actor of `index`."""
-        if self.slots[index].state == "retiring":
-            self._remove(index)
-        else:
-            self.slots[index].state = "idle"
+        self._done(index)
 
     def on_failure(self, index: int, error: BaseException) -> None:
         """Replace the actor of `index` (kill it first: a stuck one must not push late results)."""

@@ -26,7 +26,6 @@ from actors.generator import GenerationResult
 from launch import checkpoint
 from launch.calls import Call, Calls
 from launch.config import RunConfig
-from launch.metrics import MetricsLog, read_history
 from launch.run_parts import RunParts, learner_died, step_record
 from launch.state import Request, RunState, Throughput
 from transport.base import WeightHandle
@@ -50,9 +49,9 @@ class Launcher:
         self.eval_due: int | None = None  # the step whose held-out evaluation waits for an idle actor
         self.refused_at: tuple | None = None  # (step, releases, time) sent with the last refused admission
         self.releases, self.last_load_s, self.throughput, self.stop_requested = 0, 0.0, Throughput(), False
-        self.handlers = {"ready": lambda ref, call: self.fleet.on_ready(call.data), "admit": self._on_admit, "generate": self._on_generate,
-                         "ack": self._on_ack, "recorded": self._on_recorded, "learn": self._on_learn,
-                         "evaluate": self._on_evaluate, "offer": self._on_offer}
+        self.handlers = {"ready": lambda ref, call: self.fleet.on_ready_of(*call.data), "admit": self._on_admit,
+                         "generate": self._on_generate, "ack": self._on_ack, "recorded": self._on_recorded,
+                         "learn": self._on_learn, "evaluate": self._on_evaluate, "offer": self._on_offer}
         if resume:
             self._restore(checkpoint.latest(run_dir))
         self.fleet = self.parts.fleet(self._new_actor)
@@ -71,9 +70,9 @@ class Launcher:
 
     # ---- scheduling: start whatever can start now; completions: handle whatever finished -----------
     def _watch_starting(self) -> None:
-        for ref, index in self.fleet.starting_refs().items():
+        for ref, i in self.fleet.starting_refs().items():
             if not self.calls.knows(ref):
-                self.calls.add(ref, "ready", self.cfg.ray.startup_timeout_s, index)
+                self.calls.add(ref, "ready", self.cfg.ray.startup_timeout_s, (i, self.fleet.slots[i].generator_id))
 
     def _schedule(self) -> None:
         self._watch_starting()
@@ -81,14 +80,18 @@ class Launcher:
             self._start_learning()
         self._start_eval()
         self._dispatch()
-        if self.fleet.idle() and not self.calls.has("admit") and self._admission_may_open():
+        if self.fleet.places(self.cfg.actors.requests_per_actor) and not self.calls.has("admit") \
+                and self._admission_may_open():
             P, asked = self.cfg.actors.prompts_per_request, (self.state.step, self.releases, time.monotonic())
             self.calls.add(self.buffer.try_admit.remote(P, self.state.step), "admit", self.cfg.ray.rpc_timeout_s, asked)
 
     def _dispatch(self) -> None:
-        for i in self.fleet.idle()[:len(self.queue)]:
+        """Queued requests to actors with room (`actors.requests_per_actor` each); while an evaluation waits for
+        an idle actor, the first live one gets no more, so it drains."""
+        for i in self.fleet.places(self.cfg.actors.requests_per_actor, self.eval_due is not None)[:len(self.queue)]:
             req = self.state.requests[self.queue.popleft()]
-            req.actor, req.attempts, req.offered_version = i, req.attempts + 1, self.policy_version
+            req.actor, req.generator_id = i, self.fleet.slots[i].generator_id
+            req.attempts, req.offered_version = req.attempts + 1, self.policy_version
             ref = self.fleet.busy(i).generate.remote(req.prompts, self.handle, req.id)
             self.calls.add(ref, "generate", self.cfg.ray.rpc_timeout_s, req)
 
@@ -103,9 +106,9 @@ class Launcher:
     def _start_eval(self) -> None:
         """A due evaluation goes to an idle actor only: a busy one would answer after its request."""
         if self.eval_due is not None and (idle := self.fleet.idle()):
-            ref = self.fleet.busy(idle[0]).evaluate.remote(self.parts.eval_prompts, self.handle)
-            self.calls.add(ref, "evaluate", self.cfg.ray.rpc_timeout_s, (idle[0], self.eval_due))
-            self.eval_due = None
+            call = (idle[0], self.eval_due, self.fleet.slots[idle[0]].generator_id)
+            ref, self.eval_due = self.fleet.busy(idle[0]).evaluate.remote(self.parts.eval_prompts, self.handle), None
+            self.calls.add(ref, "evaluate", self.cfg.ray.rpc_timeout_s, call)
 
     def _start_learning(self) -> None:
         L, step = self.cfg.learner, self.state.step
@@ -129,7 +132,8 @@ class Launcher:
             result: GenerationResult = ray.get(ref)
         except ray.exceptions.RayError as exc:
             return self._generation_failed(req, exc)
-        self.fleet.on_success(req.actor, result.version, req.offered_version)
+        if self.fleet.holds(req.actor, req.generator_id):  # else: it was replaced meanwhile, its work still counts
+            self.fleet.on_success(req.actor, result.version, req.offered_version)
         self.calls.add(result.put, "ack", self.cfg.ray.rpc_timeout_s, (req, result))
 
     def _on_ack(self, ref, call: Call) -> None:
@@ -161,18 +165,17 @@ class Launcher:
             self.releases += 1
         self.state.skipped.update(result.skipped)
         self.state.reward_faults.update(result.reward_faults)
-        self.throughput.rows += result.groups * self.cfg.actors.n
-        self.throughput.tokens += result.tokens
-        self.throughput.gen_s += result.gen_s
+        self.throughput.add(result.groups * self.cfg.actors.n, result.tokens, result.gen_s)
         self.last_load_s = result.load_s or self.last_load_s
 
     def _generation_failed(self, req: Request, error: BaseException) -> None:
         """Replace the actor, then re-issue its request unless the buffer recorded it (its put may have landed)."""
         if self.parts.push_backend is not None:  # the generators joined the transfer group at start
-            raise RuntimeError(f"rollout actor {self.fleet.slots[req.actor].generator_id} failed ({error}); with "
+            raise RuntimeError(f"rollout actor {req.generator_id} failed ({error}); with "
                                f"weights.transport={self.cfg.weights.transport} the fleet is fixed at start, so it "
                                "cannot be replaced: use object_store or disk for restartable generators") from error
-        self.fleet.on_failure(req.actor, error)  # raises after actors.max_failures in a row
+        if self.fleet.holds(req.actor, req.generator_id):  # its other queued requests fail the same way: once
+            self.fleet.on_failure(req.actor, error)  # raises after actors.max_failures in a row
         self._ask_recorded(req, None)
 
     def _on_learn(self, ref, call: Call) -> dict:
@@ -200,12 +203,13 @@ class Launcher:
         return record
 
     def _on_evaluate(self, ref, call: Call) -> None:
-        index, step = call.data
+        index, step, generator_id = call.data
         try:
             self.log.log_eval(step, ray.get(ref))
         except ray.exceptions.RayError as exc:
-            return self.fleet.on_failure(index, exc)
-        self.fleet.on_idle(index)
+            return self.fleet.on_failure(index, exc) if self.fleet.holds(index, generator_id) else None
+        if self.fleet.holds(index, generator_id):
+            self.fleet.on_idle(index)
 
     def _offer_weights(self) -> None:
         """in_flight mode: every live engine applies the new version now, mid-generation. (The handle also goes
@@ -223,13 +227,13 @@ class Launcher:
     def _on_overdue(self, ref, call: Call) -> None:
         late = f"unanswered after {call.deadline - call.since:.0f}s"
         if call.kind == "generate":
-            actor, limit = self.fleet.slots[call.data.actor].generator_id, self.cfg.ray.rpc_timeout_s
-            self._generation_failed(call.data, TimeoutError(
-                f"rollout actor {actor}: request {call.data.id} unanswered after ray.rpc_timeout_s={limit:g}s"))
-        elif call.kind in ("ready", "evaluate"):  # a stuck engine: replace it
-            index = call.data if call.kind == "ready" else call.data[0]
-            self.fleet.on_failure(index, TimeoutError(f"rollout actor {self.fleet.slots[index].generator_id}: "
-                                                      f"{call.kind} {late}"))
+            req, limit = call.data, self.cfg.ray.rpc_timeout_s
+            self._generation_failed(req, TimeoutError(
+                f"rollout actor {req.generator_id}: request {req.id} unanswered after ray.rpc_timeout_s={limit:g}s"))
+        elif call.kind in ("ready", "evaluate"):  # a stuck engine: replace it (unless that happened already)
+            index, generator_id = call.data[0], call.data[-1]
+            if self.fleet.holds(index, generator_id):
+                self.fleet.on_failure(index, TimeoutError(f"rollout actor {generator_id}: {call.kind} {late}"))
         elif call.kind == "ack":  # its answer may be gone with the actor that made the put: ask the buffer
             self._ask_recorded(*call.data)
         elif call.kind == "offer":
@@ -239,21 +243,15 @@ class Launcher:
                                "(ray.rpc_timeout_s, + learner.sample_timeout_s for a learner step)")
 
     def _restore(self, path: Path) -> None:
-        saved = self.parts.restore(path)
+        saved = self.parts.restore(path)  # open at the checkpoint and not recorded by the buffer: re-issued
         saved.rollout_actors = self.state.rollout_actors  # the config's fleet size, not the one scaled to
         self.state, self.start_step, self.resumed_from = saved, saved.step, str(path)
-        self.serving_path = str(path / "model")  # generators start on exactly the checkpoint's weights
-        self.queue.extend(saved.requests)  # open at the checkpoint and not recorded by the buffer: re-issue
+        self.serving_path, self.queue = str(path / "model"), deque(saved.requests)  # the checkpoint's weights
 
-    # ---- the loop -----------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
         self.parts.await_learner(self.fleet)
-        self.log = MetricsLog(self.run_dir, cfg.learner.total_steps, cfg.tensorboard, cfg.progress,
-                              start_step=self.start_step, wandb=cfg.model_dump(mode="json") if cfg.wandb else None)
-        if self.start_step:
-            self.log.event({"step": self.start_step, "event": "resumed", "path": self.resumed_from})
-        history = read_history(self.run_dir, self.start_step) if self.start_step else []
+        self.log, history = self.parts.open_log(self.start_step, self.resumed_from)
         t0, self.throughput = time.perf_counter(), Throughput()
         try:
             while self.state.step < cfg.learner.total_steps and not self.stop_requested:

@@ -15,7 +15,7 @@ from launch.control import ControlFile
 from launch.data import PromptStream, load_prompts
 from launch.fleet import RolloutFleet
 from launch.ledger import ledger, summarize
-from launch.metrics import MetricsLog
+from launch.metrics import MetricsLog, read_history
 from learner.actor import make_learner_ranks
 from transport.registry import make_transport, transport_class
 
@@ -86,6 +86,15 @@ class RunParts:
         # only learn that they publish nothing
         ray.get([rank.connect_generators.remote(W.transport, W.bucket_mb, W.timeout_s, peers) for rank in self.ranks],
                 timeout=timeout + W.timeout_s)
+
+    def open_log(self, start_step: int, resumed_from: str | None) -> tuple[MetricsLog, list[dict]]:
+        """The run's metrics log and, for a resumed run, the training records it already has."""
+        cfg = self.cfg
+        log = MetricsLog(self.run_dir, cfg.learner.total_steps, cfg.tensorboard, cfg.progress, start_step=start_step,
+                         wandb=cfg.model_dump(mode="json") if cfg.wandb else None)
+        if start_step:
+            log.event({"step": start_step, "event": "resumed", "path": resumed_from})
+        return log, read_history(self.run_dir, start_step) if start_step else []
 
     def publish_fleet(self, log: MetricsLog, state: RunState) -> None:
         """Fleet events into events.jsonl, and `actors.json` for operators whenever the fleet changed."""

@@ -22,13 +22,14 @@ class Request:
     id: str
     prompts: list[Prompt]
     actor: int = -1  # fleet slot of the current attempt
+    generator_id: str = ""  # the actor of the current attempt (a slot's failed actor is replaced under a new id)
     attempts: int = 0
     offered_version: int = 0  # the newest weights the current attempt was sent with
 
     @classmethod
     def from_json(cls, d: dict) -> Request:
-        return cls(d["id"], [Prompt(**p) for p in d["prompts"]], d.get("actor", -1), d.get("attempts", 0),
-                   d.get("offered_version", 0))
+        return cls(d["id"], [Prompt(**p) for p in d["prompts"]], d.get("actor", -1), d.get("generator_id", ""),
+                   d.get("attempts", 0), d.get("offered_version", 0))
 
 
 @dataclass
@@ -76,6 +77,9 @@ class Throughput:
     tokens: int = 0
     gen_s: float = 0.0  # summed over requests: the actors' time inside generation
     since: float = field(default_factory=time.perf_counter)
+
+    def add(self, rows: int, tokens: int, gen_s: float) -> None:
+        self.rows, self.tokens, self.gen_s = self.rows + rows, self.tokens + tokens, self.gen_s + gen_s
 
     def take(self) -> dict[str, float]:
         dt = max(time.perf_counter() - self.since, 1e-9)

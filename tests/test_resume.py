@@ -2,24 +2,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
-import torch
 
 from buffer.testing import fake_batch
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def dist_env():
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

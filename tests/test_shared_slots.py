@@ -14,9 +14,8 @@ import os
 import time
 
 import pytest
-import torch
 
-from tests.test_weight_sync import _hf, _perturbed, _prompts, _train_batch, dist_env  # noqa: F401  (fixture)
+from tests.test_weight_sync import _hf, _perturbed, _prompts, _train_batch
 from tests.test_generator import _check_match
 from transport.shared_slots import LayoutError, SharedSlotTransport, Slot, vllm_layout
 

@@ -1,10 +1,6 @@
 """Fast unit tests of the plain pieces: rewards, prompt data, weight transports, batching."""
 from __future__ import annotations
 
-import json
-import math
-
-import pyarrow as pa
 import pytest
 import torch
 

@@ -8,8 +8,6 @@ One vLLM engine is shared by the whole module.
 """
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
@@ -96,29 +94,6 @@ def test_prefix_cache_never_serves_blocks_of_old_weights(generator, push, tiny_m
     assert generator.version == 2 and len(handle.payload["buckets"]) > 5
     rows = _check_match(generator, _hf(tiny_model_dir, s2), _prompts(), tol=1e-4)
     assert {r.policy_version for r in rows} == {2}
-
-
-@pytest.fixture(scope="module")
-def dist_env():
-    """torch.distributed settings for an in-process learner. vLLM tears its engine down with
-    `torch.distributed.destroy_process_group()`, which DeepSpeed does not hear of: an engine of an earlier module
-    (collected whenever the garbage collector gets to it) leaves DeepSpeed's cached world group pointing into a
-    destroyed process group. Collect now, then drop DeepSpeed's stale references (its own release function)."""
-    import gc
-
-    import torch.distributed as dist
-    from deepspeed.utils import groups
-
-    gc.collect()
-    stale = groups._WORLD_GROUP is not None and (
-        not dist.is_initialized() or groups._WORLD_GROUP not in dist.distributed_c10d._world.pg_group_ranks)
-    if stale:
-        groups._release_process_group_references(None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
 
 
 def _train_batch(generator):
