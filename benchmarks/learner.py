@@ -24,6 +24,7 @@ from benchmarks.weight_sync import free_port
 from buffer.testing import fake_group_fast
 from learner.batch import to_tensors
 from learner.config import LearnerConfig
+from learner.objectives import ObjectiveConfig
 from learner.learner import Learner
 
 GROUP_SIZE, PROMPT_LEN = 8, 5
@@ -75,7 +76,8 @@ def run(quick: bool) -> dict:
     hidden, layers, groups, response_len, repeats = (128, 2, 4, 16, 3) if quick else (768, 11, 2, 32, 4)
     model_path, params = build_bench_model(hidden, layers)
     # One micro-batch per step, so the bare loop's single forward/backward is the same work.
-    cfg = LearnerConfig(track_ref_kl=False, groups_per_step=groups, micro_batch_groups=groups)
+    cfg = LearnerConfig(groups_per_step=groups, micro_batch_groups=groups,
+                        objective=ObjectiveConfig(max_len=response_len))
     bench = ray.remote(LearnerVsTorch).options(
         num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
     ).remote(cfg, model_path, free_port())

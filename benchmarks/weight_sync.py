@@ -33,6 +33,7 @@ from benchmarks.rollout import start_actors
 from buffer.testing import fake_group_fast
 from learner.actor import LearnerRank
 from learner.config import LearnerConfig
+from learner.objectives import ObjectiveConfig
 from transport.registry import make_transport
 
 
@@ -81,7 +82,7 @@ def sync_once(rank, actor, batch=None) -> tuple:
 def measure(transport_name: str, model_path: str, repeats: int, copy_bytes: int) -> list[dict]:
     """`repeats` samples of one transport: an isolated sync, then one while the learner trains its next batch."""
     transport = make_transport(transport_name, "")
-    lcfg = LearnerConfig(track_ref_kl=False, groups_per_step=1, micro_batch_groups=1)
+    lcfg = LearnerConfig(groups_per_step=1, micro_batch_groups=1, objective=ObjectiveConfig(max_len=8))
     rank = ray.remote(PublishingRank).options(
         num_cpus=1, max_concurrency=2,  # as make_learner_ranks: the store copy runs on a second thread
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from actors.config import ActorConfig
 from buffer.config import BufferConfig
 from learner.config import LearnerConfig
+from learner.objectives.config import READS
 from transport.registry import TRANSPORTS, pushes
 
 
@@ -124,6 +125,12 @@ class RunConfig(BaseModel):
             component = getattr(self, name)
             if "seed" not in component.model_fields_set:
                 setattr(self, name, component.model_copy(update={"seed": self.seed}))
+        # token_sum divides by B * max_len: the longest answer the generators can produce, so the constant never
+        # depends on this batch's longest response or on the micro-batch split (Dr.GRPO; TRL's max_completion_length).
+        objective = self.learner.objective
+        if "max_len" not in objective.model_fields_set and "max_len" in READS[objective.name]:
+            objective = objective.model_copy(update={"max_len": self.actors.max_tokens})
+            self.learner = self.learner.model_copy(update={"objective": objective})
         return self
 
 
@@ -212,6 +219,10 @@ def validate(cfg: RunConfig) -> None:
                           f"actors.cpu_weight_layout is {A.cpu_weight_layout!r}")
     if cfg.data.eval_every and not cfg.data.eval:
         raise ConfigError("config key 'data.eval_every': set data.eval to a held-out prompt file as well")
+    max_len = L.objective.max_len
+    if max_len is not None and max_len < A.max_tokens:
+        raise ConfigError(f"config key 'learner.objective.max_len': {max_len} is shorter than actors.max_tokens="
+                          f"{A.max_tokens}; token_sum's constant B * max_len must cover the longest response")
     if L.groups_per_step % L.num_ranks:
         raise ConfigError(f"config key 'learner.groups_per_step': {L.groups_per_step} is not divisible by learner.num_ranks={L.num_ranks}")
     per_rank = L.groups_per_step // L.num_ranks

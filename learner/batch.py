@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -90,17 +91,38 @@ def staleness_stats(batch: TrainBatch, learner_version: int) -> dict[str, float]
     }
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, resp_index: torch.Tensor, temperature: float):
-    """Log-probs (with grad) and entropies (no grad) of the response tokens under logits / temperature.
+def response_logprobs(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor, resp_index: torch.Tensor,
+                      resp_mask: torch.Tensor, temperature: float, chunk_tokens: int):
+    """Log-probs (with grad) and entropies (no grad) of the response tokens under head(hidden) / temperature.
 
-    The temperature matches the generator's so that current and behaviour log-probs are of the same
-    distribution when the weights are equal.
+    Only the positions that predict a response token go through the head, `chunk_tokens` at a time, and each
+    chunk's fp32 logits are recomputed in backward rather than kept: the full-vocabulary logits of the batch
+    never exist at once, whatever the prompt length. The temperature matches the generator's, so current and
+    behaviour log-probs are of the same distribution when the weights are equal. Padding entries are 0.
     """
-    logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, L-1, V)
-    targets = input_ids[:, 1:]  # (B, L-1)
-    logp_tok = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, L-1)
-    logp = logp_tok.gather(1, resp_index)  # (B, T)
+    rows, cols = torch.nonzero(resp_mask > 0, as_tuple=True)  # (N,), (N,) one entry per response token
+    pos = resp_index[rows, cols]  # (N,) hidden state at pos predicts token pos + 1
+    h = hidden[rows, pos]  # (N, H)
+    targets = input_ids[rows, pos + 1]  # (N,)
+    # At least one chunk, even of zero tokens, so that a batch without response tokens still has a graph.
+    chunks = [_checkpointed(head, h[i:i + chunk_tokens], targets[i:i + chunk_tokens], temperature)
+              for i in range(0, max(len(h), 1), chunk_tokens)]
+    logp_flat = torch.cat([c[0] for c in chunks])  # (N,)
+    entropy_flat = torch.cat([c[1] for c in chunks])  # (N,)
+    zeros = torch.zeros(resp_mask.shape, dtype=torch.float32, device=hidden.device)  # (B, T)
+    return zeros.index_put((rows, cols), logp_flat), zeros.index_put((rows, cols), entropy_flat)
+
+
+def _checkpointed(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float):
+    if torch.is_grad_enabled() and h.requires_grad:  # keep h only; the chunk's logits are rebuilt in backward
+        return torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, targets, temperature, use_reentrant=False)
+    return _chunk_logprobs(head, h, targets, temperature)
+
+
+def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float):
+    logits = head(h).float() / temperature  # (C, V)
+    norm = torch.logsumexp(logits, dim=-1)  # (C,)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - norm  # (C,)
     with torch.no_grad():
-        ent_all = -(logp_all.exp() * logp_all).sum(-1)  # (B, L-1)
-        entropy = ent_all.gather(1, resp_index)  # (B, T)
+        entropy = norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (C,) H = log Z - E_p[logit]
     return logp, entropy

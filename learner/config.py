@@ -47,8 +47,14 @@ class LearnerConfig(BaseModel):
     """The loss: see learner/objectives."""
     sample_timeout_s: float = Field(300.0, gt=0)
     """How long a step waits for the buffer to hold a batch before the run fails naming the buffer."""
-    track_ref_kl: bool = True
-    """Hold a frozen reference model to report kl_to_ref even when the objective does not need it."""
+    track_ref_kl: bool = False
+    """Also hold a frozen reference model, only to report kl_to_ref, when the objective does not need one
+    (it costs a second model in memory and a forward pass per step)."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer layer's activations in backward instead of keeping them (transformers'
+    gradient_checkpointing_enable): less memory on long sequences for about one more forward pass."""
+    logprob_chunk_tokens: int = Field(1024, ge=1)
+    """Response tokens whose full-vocabulary logits are computed at once (and rebuilt in backward)."""
     checkpoint_every: int = Field(200, ge=0)
     """Save a resumable checkpoint (learner, weights, buffer, data position) every k steps; 0 = never."""
     checkpoint_keep: int = Field(2, ge=1)

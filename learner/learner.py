@@ -15,9 +15,11 @@ import pyarrow as pa
 import torch
 
 from common.seeding import seed_everything
-from learner.batch import TrainBatch, shard_groups, staleness_stats, to_tensors, token_logprobs
+from learner.batch import TrainBatch, response_logprobs, shard_groups, staleness_stats, to_tensors
 from learner.config import LearnerConfig
 from learner.objectives import LossInputs, compute_loss, needs_proximal, needs_reference
+from learner.objectives.config import READS
+from learner.objectives.registry import resolve
 from learner.safe_state import SafetensorsCheckpointEngine
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -50,6 +52,11 @@ class Learner:
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        objective = resolve(cfg.objective)
+        if objective.aggregation == "token_sum" and "max_len" in READS[objective.name] and objective.max_len is None:
+            raise ValueError(f"learner.objective.max_len: {objective.name} aggregates with token_sum, which divides by "
+                             "B * max_len; set it (the launcher sets actors.max_tokens) so the constant does not "
+                             "depend on the batch")
         self.cfg, self.model_path, self.temperature = cfg, model_path, temperature
         self.rank, self.world_size = rank, world_size
         # The same seed on every rank: weights a model initialises rather than loads must agree across ranks.
@@ -60,6 +67,8 @@ class Learner:
         dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         model.config.use_cache = False
+        if cfg.gradient_checkpointing:  # before DeepSpeed wraps the model; non-reentrant also works under ZeRO-3
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
         groups_per_rank = cfg.groups_per_step // world_size
         micro_steps = max(groups_per_rank // cfg.micro_batch_groups, 1)
@@ -69,6 +78,7 @@ class Learner:
             config=deepspeed_config(cfg, self.rows_per_micro, micro_steps),
         )
         self.engine.checkpoint_engine = SafetensorsCheckpointEngine()  # resumable state without pickles
+        self.engine.train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
         self.ref = None
         if needs_reference(cfg.objective) or cfg.track_ref_kl:
             self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
@@ -78,8 +88,19 @@ class Learner:
 
     # ---- training -------------------------------------------------------------------------------
     def _forward(self, model, mb: TrainBatch):
-        out = model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device))
-        return token_logprobs(out.logits, mb.input_ids.to(self.device), mb.resp_index.to(self.device), self.temperature)
+        """Response log-probs (B, T) with grad and entropies (B, T) from the model's last hidden states.
+
+        `model` is the DeepSpeed engine (called itself, so its gradient-accumulation hooks see the output), its
+        module or the reference. The causal LM computes the logits of one position only (logits_to_keep=1); the
+        head is applied to the response positions by response_logprobs, chunk by chunk.
+        """
+        module = model.module if model is self.engine else model
+        input_ids = mb.input_ids.to(self.device)  # (B, L)
+        out = model(input_ids=input_ids, attention_mask=mb.attention_mask.to(self.device),
+                    output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1]  # (B, L, H) after the final norm, what the head reads
+        return response_logprobs(hidden, module.get_output_embeddings(), input_ids, mb.resp_index.to(self.device),
+                                 mb.resp_mask.to(self.device), self.temperature, self.cfg.logprob_chunk_tokens)
 
     @torch.no_grad()
     def _frozen_logp(self, model, batch: TrainBatch) -> torch.Tensor:

@@ -109,3 +109,23 @@ def test_shared_memory_transport_refuses_what_it_cannot_serve():
     with pytest.raises(ConfigError, match="shared_memory serves generators on CPU"):
         load_config(None, {"weights.transport": "shared_memory", "actors.num_gpus": 1})
     assert load_config(None, {"weights.transport": "shared_memory"}).weights.transport == "shared_memory"
+
+
+def test_token_sum_constant_defaults_to_actors_max_tokens():
+    """Dr.GRPO's B * max_len takes max_len from the generators' longest possible answer unless set explicitly;
+    a resumed run's config.yaml (every field spelt out) loads back to the same config."""
+    cfg = load_config(None, parse_overrides(["--actors.max_tokens", "24", "--learner.objective.name", "dr_grpo"]))
+    assert cfg.learner.objective.max_len == 24
+    assert RunConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    explicit = load_config(None, parse_overrides(["--actors.max_tokens", "24", "--learner.objective.max_len", "32"]))
+    assert explicit.learner.objective.max_len == 32
+    assert RunConfig().learner.objective.max_len == RunConfig().actors.max_tokens
+    dpo = load_config(None, parse_overrides(["--learner.objective.name", "dpo", "--learner.objective.beta", "0.1"]))
+    assert dpo.learner.objective.max_len is None  # DPO aggregates nothing: no constant to set
+    with pytest.raises(ConfigError, match="'learner.objective.max_len': 8 is shorter than actors.max_tokens=24"):
+        load_config(None, parse_overrides(["--actors.max_tokens", "24", "--learner.objective.max_len", "8"]))
+
+
+def test_a_knob_the_objective_ignores_fails_naming_key_and_objective():
+    with pytest.raises(ConfigError, match="'learner.objective'.*beta=0.1 is not read by objective 'gspo'"):
+        load_config(None, parse_overrides(["--learner.objective.name", "gspo", "--learner.objective.beta", "0.1"]))

@@ -20,7 +20,7 @@ from learner.objectives import (
     needs_reference,
 )
 from learner.objectives.common import aggregate
-from learner.objectives.config import ObjectiveName
+from learner.objectives.config import READS, ObjectiveName
 from learner.objectives.registry import resolve
 
 REQUIRED_METRICS = {"mismatch", "is_weight_ess", "clip_frac", "mask_frac", "adv_mean", "adv_std", "kl_to_ref"}
@@ -51,7 +51,9 @@ def random_inputs(
 
 
 def config_for(name: str, **overrides) -> ObjectiveConfig:
-    return ObjectiveConfig(name=name, **({"beta": 0.1} | overrides))
+    """beta 0.1 where the objective reads beta (kl terms on, DPO defined); other objectives refuse it."""
+    beta = {"beta": 0.1} if "beta" in READS[name] else {}
+    return ObjectiveConfig(name=name, **(beta | overrides))
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -107,7 +109,8 @@ def test_unset_knobs_take_the_registered_defaults(name):
     resolved = resolve(config_for(name))
     assert (resolved.aggregation, resolved.normalize_std) == (entry.aggregation, entry.normalize_std)
     default, _ = compute_loss(config_for(name), random_inputs(seed=1))
-    spelt_out, _ = compute_loss(config_for(name, aggregation=entry.aggregation, normalize_std=entry.normalize_std),
+    spelt = {"aggregation": entry.aggregation, "normalize_std": entry.normalize_std}
+    spelt_out, _ = compute_loss(config_for(name, **{k: v for k, v in spelt.items() if k in READS[name]}),
                                 random_inputs(seed=1))
     assert default.item() == spelt_out.item()
     if name in {"dpo", "ipo"}:  # pairwise: a mean over pairs of sequence sums, no aggregation to choose
@@ -206,3 +209,73 @@ def test_documented_default_aggregation_is_the_registered_one():
 
 def test_registry_covers_every_config_name():
     assert set(REGISTRY) == set(get_args(ObjectiveName))
+
+
+# ---------------------------------------------------------------- which knobs each objective reads
+
+# A value that changes the loss wherever the knob is read, and what must hold for it to be read at all.
+_PERTURB = {
+    "aggregation": None, "max_len": 12, "loo": True, "normalize_std": True, "beta": 0.3, "kl_estimator": "k1",
+    "eps_low": 0.6, "eps_high": 0.05, "dual_clip": 1.1, "is_cap": 1.05, "mask_low": 0.95, "mask_high": 1.05,
+    "seq_low": 0.5, "seq_high": 1.01, "rec_clip": "two_side", "rec_weight": "is", "rec_regulariser": "k2",
+    "rec_reg_coef": 0.5, "ring_eps_low": 0.3, "ring_eps_high": 0.5, "asymre_delta": 0.5, "opmd_tau": 3.0,
+    "opmd_form": "token", "ipo_tau": 0.5,
+}
+_ENABLE = {("rec", "is_cap"): {"rec_weight": "tis"}, ("rec", "rec_reg_coef"): {"rec_regulariser": "k2"},
+           ("rec", "ring_eps_low"): {"rec_clip": "ring"}, ("rec", "ring_eps_high"): {"rec_clip": "ring"}}
+_ENABLE_ANY = {"max_len": {"aggregation": "token_sum"}}  # the constant exists under token_sum only
+
+
+def _loss_and_grad(cfg: ObjectiveConfig) -> tuple[float, torch.Tensor]:
+    inp = random_inputs(seed=3, drift=0.8)
+    loss, _ = compute_loss(cfg, inp)
+    loss.backward()
+    return loss.item(), inp.logp.grad
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_reads_table_matches_the_code(name):
+    """READS is the code's truth: a knob outside an objective's row changes nothing (so refusing it refuses
+    nothing that works), and a knob inside it changes the loss or the gradient (so none is listed idly).
+    model_construct skips validation, so unread knobs can be set to see that the function ignores them."""
+    base = config_for(name).model_dump()
+    assert set(_PERTURB) == set(ObjectiveConfig.model_fields) - {"name"}
+    for knob, value in _PERTURB.items():
+        if knob == "aggregation":
+            value = {"token_sum": "seq_mean_token_mean"}.get(REGISTRY[name].aggregation, "token_sum")
+        if knob == "normalize_std":
+            value = not REGISTRY[name].normalize_std
+        enable = base | _ENABLE_ANY.get(knob, {}) | _ENABLE.get((name, knob), {})
+        ref_loss, ref_grad = _loss_and_grad(ObjectiveConfig.model_construct(**enable))
+        loss, grad = _loss_and_grad(ObjectiveConfig.model_construct(**(enable | {knob: value})))
+        changed = loss != pytest.approx(ref_loss, abs=1e-12) or not torch.allclose(grad, ref_grad, atol=1e-12)
+        assert changed == (knob in READS[name]), f"{name}: {knob} {'is' if changed else 'is not'} read"
+
+
+@pytest.mark.parametrize(("name", "knob", "value"), [
+    ("gspo", "beta", 0.1), ("cispo", "beta", 0.1), ("decoupled_ppo", "beta", 0.1), ("tis", "beta", 0.1),
+    ("rec", "beta", 0.1), ("opmd", "beta", 0.1), ("asymre", "beta", 0.1), ("grpo", "dual_clip", 2.0),
+    ("reinforce", "is_cap", 3.0), ("ppo", "rec_clip", "ring"), ("dpo", "loo", True), ("ipo", "beta", 0.1),
+    ("dpo", "aggregation", "seq_mean_token_mean"), ("agro", "opmd_tau", 2.0),
+])
+def test_a_knob_the_objective_ignores_raises_naming_both(name, knob, value):
+    with pytest.raises(ValidationError, match=rf"{knob}=.*not read by objective '{name}'"):
+        ObjectiveConfig(name=name, **({"beta": 0.1} if name == "dpo" else {}), **{knob: value})
+
+
+def test_explicit_defaults_of_unread_knobs_are_accepted():
+    """A resumed run's config.yaml spells out every field: its defaults must load for every objective."""
+    for name in REGISTRY:
+        dumped = ObjectiveConfig(name=name, **({"beta": 0.1} if name == "dpo" else {})).model_dump()
+        assert ObjectiveConfig(**dumped) == ObjectiveConfig.model_validate(dumped)
+
+
+def test_ring_bounds_apply_to_rec_ring_only():
+    """REC's ring must lie outside its two-sided band; no other objective has a ring."""
+    ObjectiveConfig(name="cispo", eps_high=4.0)
+    ObjectiveConfig(name="ppo", eps_low=0.7)
+    ObjectiveConfig(name="rec", rec_clip="one_side", eps_high=4.0)
+    with pytest.raises(ValidationError, match="ring_eps_high"):
+        ObjectiveConfig(name="rec", rec_clip="ring", eps_high=4.0)
+    with pytest.raises(ValidationError, match="ring_eps_low"):
+        ObjectiveConfig(name="rec", rec_clip="ring", eps_low=0.7)

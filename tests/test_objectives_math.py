@@ -212,6 +212,38 @@ def test_token_sum_uses_max_len_constant():
     torch.testing.assert_close(loss12, loss6 / 2)
 
 
+def _padded_to(inp: LossInputs, length: int) -> LossInputs:
+    """The same rows with T = length: extra padding columns, mask 0 there."""
+    def pad(x):
+        return None if x is None else torch.nn.functional.pad(x.detach(), (0, length - x.shape[1]))
+    logp = pad(inp.logp).requires_grad_(True)
+    return LossInputs(logp, pad(inp.behaviour_logp), pad(inp.mask), inp.rewards, inp.group_ids,
+                      pad(inp.ref_logp), pad(inp.prox_logp))
+
+
+@pytest.mark.parametrize("name", ["dr_grpo", "agro", "reinforce", "cispo", "opmd"])
+def test_token_sum_constant_does_not_depend_on_the_longest_response(name):
+    """Dr.GRPO's constant is B * max_len (actors.max_tokens), not B * (longest response in this batch): the same
+    rows padded to 3 or to 8 tokens give the same loss, and it is the masked token sum / (B * max_len)."""
+    short = random_inputs(seed=40, length=3, drift=0.2)
+    long = _padded_to(short, 8)
+    cfg = ObjectiveConfig(name=name, max_len=8, **({"beta": 0.05} if name == "agro" else {}))
+    loss3, _ = compute_loss(cfg, short)
+    loss8, _ = compute_loss(cfg, long)
+    assert loss3.item() == pytest.approx(loss8.item(), abs=1e-12)
+    if name in {"dr_grpo", "reinforce"}:  # on-policy first step: token terms are -A * logp (u = 1)
+        on = random_inputs(seed=41, length=3)
+        on.behaviour_logp = on.logp.detach().clone()
+        adv = loop_advantage(on.rewards, on.group_ids)
+        expected = (-adv[:, None] * on.logp.detach() * on.mask).sum() / (on.logp.shape[0] * 8)
+        got3, _ = compute_loss(cfg, on)
+        got8, _ = compute_loss(cfg, _padded_to(on, 8))
+        if name == "dr_grpo":  # PPO's surrogate value is -A * u, with u = 1
+            expected = (-adv[:, None] * on.mask).sum() / (on.logp.shape[0] * 8)
+        torch.testing.assert_close(got3.detach(), expected)
+        torch.testing.assert_close(got8.detach(), expected)
+
+
 # ---------------------------------------------------------------- gradcheck
 # Only where the loss depends on logp solely through its differentiable path: objectives
 # that read logp.detach() (IS weights, AGRO's regularised reward) are surrogates whose
@@ -285,7 +317,7 @@ def test_preference_gradient_and_tied_groups(name):
     inp = random_inputs(seed=32, group_sizes=(4, 3, 5, 2))
     inp.rewards[inp.group_ids == 5] = 1.0  # the last group ties: no preference, no gradient
     beta, tau = 0.5, 0.25
-    cfg = ObjectiveConfig(name=name, beta=beta, ipo_tau=tau)
+    cfg = ObjectiveConfig(name=name, **({"beta": beta} if name == "dpo" else {"ipo_tau": tau}))
     _, g = grad_of(cfg, inp)
     _, metrics = compute_loss(cfg, inp)
     chosen, rejected, tied = pairs_by_hand(inp.rewards, inp.group_ids)
@@ -308,7 +340,7 @@ def test_preference_gradient_and_tied_groups(name):
 def test_preference_all_groups_tied_gives_zero_loss_with_grad(name):
     inp = random_inputs(seed=33)
     inp.rewards = torch.zeros_like(inp.rewards)
-    loss, metrics = compute_loss(ObjectiveConfig(name=name, beta=0.1), inp)
+    loss, metrics = compute_loss(ObjectiveConfig(name=name, **({"beta": 0.1} if name == "dpo" else {})), inp)
     loss.backward()
     assert loss.item() == 0.0 and metrics["pairs"] == 0.0 and metrics["tied_groups"] == 3.0
     assert inp.logp.grad.abs().sum() == 0
@@ -317,7 +349,7 @@ def test_preference_all_groups_tied_gives_zero_loss_with_grad(name):
 @pytest.mark.parametrize("name", ["dpo", "ipo"])
 def test_preference_gradcheck(name):
     inp = random_inputs(seed=34, group_sizes=(3, 2), length=4)
-    cfg = ObjectiveConfig(name=name, beta=0.5)
+    cfg = ObjectiveConfig(name=name, **({"beta": 0.5} if name == "dpo" else {}))
 
     def f(logp):
         return compute_loss(cfg, LossInputs(logp, inp.behaviour_logp, inp.mask, inp.rewards, inp.group_ids,

@@ -127,13 +127,46 @@ def test_rec_ring_keeps_what_two_side_drops_on_the_restoring_side():
     assert extra.sum() > 0 and (extra >= 0).all()
 
 
-def test_opmd_gradient():
+def test_opmd_token_form_gradient():
+    """Per-token square: d/dlogp_it = (-A_i + tau (logp_it - mu_it)) / K."""
     inp = random_inputs(seed=26)
     tau = 0.7
-    _, g = grad_of(ObjectiveConfig(name="opmd", opmd_tau=tau), inp)
+    _, g = grad_of(ObjectiveConfig(name="opmd", opmd_tau=tau, opmd_form="token"), inp)
     adv = loop_advantage(inp.rewards, inp.group_ids)
     expected = (-adv[:, None] + tau * (inp.logp.detach() - inp.behaviour_logp)) * inp.mask / token_sum_constant(inp)
     torch.testing.assert_close(g, expected)
+
+
+def test_opmd_sequence_form_gradient_is_kimis():
+    """Kimi k1.5 squares the sequence log-ratio S_i = sum_t (logp_it - mu_it): every token of sequence i gets
+    d/dlogp_it = (-A_i + tau S_i) / K; the loss is sum_i (-A_i sum_t logp_it + tau/2 S_i^2) / K."""
+    inp = random_inputs(seed=26)
+    tau = 0.7
+    loss, g = grad_of(ObjectiveConfig(name="opmd", opmd_tau=tau), inp)
+    adv = loop_advantage(inp.rewards, inp.group_ids)
+    seq = ((inp.logp.detach() - inp.behaviour_logp) * inp.mask).sum(-1)  # (B,)
+    expected = (-adv[:, None] + tau * seq[:, None]) * inp.mask / token_sum_constant(inp)
+    torch.testing.assert_close(g, expected)
+    value = (-adv * (inp.logp.detach() * inp.mask).sum(-1) + 0.5 * tau * seq**2).sum() / token_sum_constant(inp)
+    torch.testing.assert_close(loss, value)
+    _, g_token = grad_of(ObjectiveConfig(name="opmd", opmd_tau=tau, opmd_form="token"), inp)
+    assert (g - g_token).abs().max() > 1e-3, "the two OPMD forms must differ on multi-token answers"
+
+
+def test_opmd_sequence_form_hand_computed():
+    """One sequence of two tokens, A = 0 (a group of one): log-ratios 0.3 and -0.1, tau = 1, K = 1 * 2.
+    sequence: S = 0.2, loss = 0.5 * 0.04 / 2 = 0.01, grad = 0.2 / 2 = 0.1 on both tokens;
+    token: loss = 0.5 * (0.09 + 0.01) / 2 = 0.025, grad = (0.15, -0.05)."""
+    logp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    mu = torch.tensor([[-1.3, -1.9]], dtype=torch.float64)
+    ones = torch.ones(1, 2, dtype=torch.float64)
+    inp = LossInputs(logp, mu, ones, torch.tensor([1.0], dtype=torch.float64), torch.tensor([0]))
+    loss_s, g_s = grad_of(ObjectiveConfig(name="opmd"), inp)
+    loss_t, g_t = grad_of(ObjectiveConfig(name="opmd", opmd_form="token"), inp)
+    torch.testing.assert_close(loss_s, torch.tensor(0.01, dtype=torch.float64))
+    torch.testing.assert_close(g_s, torch.tensor([[0.1, 0.1]], dtype=torch.float64))
+    torch.testing.assert_close(loss_t, torch.tensor(0.025, dtype=torch.float64))
+    torch.testing.assert_close(g_t, torch.tensor([[0.15, -0.05]], dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- exact equivalences
@@ -189,6 +222,7 @@ def test_ppo_on_policy_gradient_is_reinforce_gradient():
         ObjectiveConfig(name="decoupled_ppo"),
         ObjectiveConfig(name="gspo"),
         ObjectiveConfig(name="opmd"),
+        ObjectiveConfig(name="opmd", opmd_form="token"),
     ],
     ids=lambda c: c.name,
 )

@@ -43,10 +43,11 @@ def test_a_late_deferred_copy_holds_the_next_update_and_carries_its_own_version_
     from buffer.testing import fake_batch
     from learner.actor import make_learner_ranks
     from learner.config import LearnerConfig
+    from learner.objectives import ObjectiveConfig
 
     ray = ray_local
     transport = LateObjectStore()
-    cfg = LearnerConfig(groups_per_step=2, micro_batch_groups=2, lr=1e-2, track_ref_kl=False, placement_timeout_s=60)
+    cfg = LearnerConfig(groups_per_step=2, micro_batch_groups=2, lr=1e-2, objective=ObjectiveConfig(max_len=8), placement_timeout_s=60)
     [rank] = make_learner_ranks(cfg, model_path=tiny_model_dir, group_size=4, temperature=1.0, transport=transport)
     batch = fake_batch(["a", "b"], group_size=4)
     try:

@@ -18,10 +18,11 @@ def test_learner_checkpoint_resumes_exactly(stage, tiny_model_dir, dist_env, tmp
     from safetensors import safe_open
 
     from learner.config import LearnerConfig
+    from learner.objectives import ObjectiveConfig
     from learner.learner import Learner
 
     cfg = LearnerConfig(zero_stage=stage, groups_per_step=2, micro_batch_groups=2, lr=1e-2,
-                        track_ref_kl=False, zero3_persistence_threshold=0)
+                        objective=ObjectiveConfig(max_len=8), zero3_persistence_threshold=0)
     b1, b2 = fake_batch(["a", "b"], group_size=4), fake_batch(["c", "d"], group_size=4, policy_version=1)
     first = Learner(cfg, tiny_model_dir, group_size=4, temperature=1.0)
     first.train_step(b1)

@@ -73,11 +73,12 @@ def test_layout_is_vllms_own_and_checked_against_what_it_loaded(generator, tiny_
 @pytest.mark.parametrize("stage", [0, 3])
 def test_generator_serves_the_learners_weights_from_the_slot(stage, generator, slots, tiny_model_dir, dist_env):
     from learner.config import LearnerConfig
+    from learner.objectives import ObjectiveConfig
     from learner.learner import Learner
 
     learner_side, generator_side = slots
     cfg = LearnerConfig(zero_stage=stage, zero3_persistence_threshold=0 if stage == 3 else None, groups_per_step=2,
-                        micro_batch_groups=2, lr=3e-2, track_ref_kl=False)
+                        micro_batch_groups=2, lr=3e-2, objective=ObjectiveConfig(max_len=6))
     learner = Learner(cfg, tiny_model_dir, group_size=4, temperature=0.8)
     for _ in range(2):
         learner.train_step(_train_batch(generator))

@@ -7,7 +7,7 @@ import torch
 from actors.rewards import arithmetic_reward, math_verify_reward, resolve_reward, safe_reward
 from buffer.schema import Rollout, rollouts_from_arrow, rollouts_to_arrow
 from launch.data import PromptStream, load_prompts
-from learner.batch import shard_groups, to_tensors, token_logprobs
+from learner.batch import response_logprobs, shard_groups, to_tensors
 from transport.base import WeightHandle
 from transport.disk import DiskTransport
 
@@ -88,14 +88,14 @@ def test_batching_aligns_response_tokens_and_shards_whole_groups():
     assert tb.group_ids.tolist() == [0, 0, 1, 1] and tb.versions.tolist() == [5, 0, 0, 0]
     shard0, shard1 = shard_groups(batch, 0, 2), shard_groups(batch, 1, 2)
     assert set(shard0.column("group_id").to_pylist()) == {"a"} and set(shard1.column("group_id").to_pylist()) == {"b"}
-    # token_logprobs picks log-softmax(logits / T) at the response positions
-    logits = torch.randn(4, 7, 11)
+    # response_logprobs picks log-softmax(head(hidden) / T) at the response positions
+    hidden = torch.randn(4, 7, 5)
+    head = torch.nn.Linear(5, 11, bias=False)
     ids = torch.randint(0, 11, (4, 7))
-    tb.input_ids = ids
-    logp, ent = token_logprobs(logits, ids, tb.resp_index, temperature=0.7)
-    ref = torch.log_softmax(logits / 0.7, -1)
+    logp, ent = response_logprobs(hidden, head, ids, tb.resp_index, tb.resp_mask, temperature=0.7, chunk_tokens=3)
+    ref = torch.log_softmax(head(hidden) / 0.7, -1)
     assert torch.allclose(logp[1, 2], ref[1, 4, ids[1, 5]])
-    assert torch.all(ent >= 0)
+    assert torch.all(ent >= 0) and torch.all(logp[tb.resp_mask == 0] == 0)
 
 
 def test_disk_transport_roundtrip_keeps_latest_and_times_out(tmp_path):

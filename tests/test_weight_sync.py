@@ -109,10 +109,11 @@ def _train_batch(generator):
 @pytest.mark.parametrize("stage,path", [(0, "pull"), (2, "push"), (3, "push")])
 def test_generator_matches_learner_weights_under_zero(stage, path, generator, push, tiny_model_dir, dist_env, tmp_path):
     from learner.config import LearnerConfig
+    from learner.objectives import ObjectiveConfig
     from learner.learner import Learner
 
     cfg = LearnerConfig(zero_stage=stage, zero3_persistence_threshold=0 if stage == 3 else None, groups_per_step=2,
-                        micro_batch_groups=2, lr=3e-2, track_ref_kl=False)
+                        micro_batch_groups=2, lr=3e-2, objective=ObjectiveConfig(max_len=6))
     learner = Learner(cfg, tiny_model_dir, group_size=4, temperature=0.8)
     for _ in range(2):
         learner.train_step(_train_batch(generator))

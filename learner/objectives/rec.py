@@ -64,11 +64,24 @@ def rec(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]
 
 
 def opmd(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
-    """OPMD (Kimi k1.5 form): -A * logp + (tau / 2) * (logp - old)^2, A = r - mean r. Default: token_sum.
+    """OPMD: REINFORCE, A = r - mean r, plus a (tau / 2) * (log-ratio to the sampler)^2 proximity penalty.
 
+    opmd_form "sequence" (default) is Kimi k1.5's: the penalty squares the sequence
+    log-ratio S_i = sum_t (logp_it - old_it), so per sequence the loss is
+    -A_i sum_t logp_it + (tau / 2) S_i^2 and every token's gradient is (-A_i + tau S_i).
+    "token" squares each token's log-ratio instead, sum_t (tau / 2) (logp_it - old_it)^2,
+    with gradient (-A_i + tau (logp_it - old_it)): it pulls each token back on its own
+    rather than the whole answer. The sequence penalty is spread evenly over the
+    sequence's tokens, so both aggregations divide it as they divide the REINFORCE term.
     Mirror descent's proximity term keeps the new policy near the sampler, which is
-    what makes plain REINFORCE tolerate off-policy data (Trinity's reading).
+    what makes plain REINFORCE tolerate off-policy data (Trinity's reading). Default: token_sum.
     """
     adv = group_advantage(inp.rewards, inp.group_ids, loo=cfg.loo)  # (B,)
-    token_loss = -adv[:, None] * inp.logp + 0.5 * cfg.opmd_tau * (inp.logp - inp.behaviour_logp) ** 2  # (B, T)
+    log_ratio = (inp.logp - inp.behaviour_logp) * inp.mask  # (B, T)
+    if cfg.opmd_form == "sequence":
+        n_tokens = inp.mask.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
+        penalty = (log_ratio.sum(dim=-1, keepdim=True) ** 2 / n_tokens).expand_as(log_ratio)  # (B, T)
+    else:
+        penalty = log_ratio**2  # (B, T)
+    token_loss = -adv[:, None] * inp.logp + 0.5 * cfg.opmd_tau * penalty  # (B, T)
     return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len), adv_metrics(adv)
