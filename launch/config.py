@@ -197,6 +197,8 @@ def _looks_local(path: str) -> bool:
 
 
 def validate(cfg: RunConfig) -> None:
+    from actors.rewards import resolve_reward
+
     """Rules that span components: each one would otherwise deadlock or fail late."""
     L, A, B = cfg.learner, cfg.actors, cfg.buffer
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
@@ -217,6 +219,19 @@ def validate(cfg: RunConfig) -> None:
     if cfg.weights.transport == "shared_memory" and A.cpu_weight_layout != "plain":
         raise ConfigError("config key 'weights.transport': shared_memory serves vLLM's plain CPU weight layout; "
                           f"actors.cpu_weight_layout is {A.cpu_weight_layout!r}")
+    if cfg.weights.transport == "nccl" and (A.num_gpus <= 0 or L.num_gpus <= 0):
+        raise ConfigError("config key 'weights.transport': nccl broadcasts from the learner's GPU to the generators' "
+                          f"GPUs, but actors.num_gpus={A.num_gpus} and learner.num_gpus={L.num_gpus}: give both GPUs, "
+                          "or use object_store / shared_memory on CPU")
+    if A.top_p < 1.0 or A.top_k > 0:
+        key = "actors.top_p" if A.top_p < 1.0 else "actors.top_k"
+        raise ConfigError(f"config key {key!r}: the learner's log-probs are of the whole softmax at actors.temperature, "
+                          "while vLLM records them under the truncated distribution it samples from, so every "
+                          "importance ratio would be biased; sample with top_p 1.0 and top_k 0")
+    try:  # user code is loaded here, in the driver, so a wrong path or name fails before any actor starts
+        resolve_reward(A.reward)
+    except (ValueError, SyntaxError, ImportError) as exc:
+        raise ConfigError(f"config key 'actors.reward': {exc}") from None
     if cfg.data.eval_every and not cfg.data.eval:
         raise ConfigError("config key 'data.eval_every': set data.eval to a held-out prompt file as well")
     max_len = L.objective.max_len

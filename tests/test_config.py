@@ -129,3 +129,40 @@ def test_token_sum_constant_defaults_to_actors_max_tokens():
 def test_a_knob_the_objective_ignores_fails_naming_key_and_objective():
     with pytest.raises(ConfigError, match="'learner.objective'.*beta=0.1 is not read by objective 'gspo'"):
         load_config(None, parse_overrides(["--learner.objective.name", "gspo", "--learner.objective.beta", "0.1"]))
+
+
+def test_sampling_the_learner_cannot_reproduce_is_refused():
+    """vLLM records log-probs under the top-p/top-k truncated distribution, the learner computes the full softmax:
+    every ratio would be off, so the config refuses it before any actor starts."""
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"'actors.top_p'.*importance ratio would be biased"):
+        load_config(None, {"actors.top_p": 0.9})
+    with pytest.raises(ConfigError, match=r"'actors.top_k'"):
+        load_config(None, {"actors.top_k": 20})
+    assert load_config(None, {"actors.top_p": 1.0, "actors.top_k": 0}).actors.top_p == 1.0
+
+
+def test_reward_spec_is_resolved_at_config_time(tmp_path):
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"'actors.reward'.*missing.py does not exist"):
+        load_config(None, {"actors.reward": str(tmp_path / "missing.py") + ":score"})
+    user = tmp_path / "my_reward.py"
+    user.write_text("def score(response, answer):\n    return float(response.strip() == answer)\n")
+    with pytest.raises(ConfigError, match=r"'actors.reward'.*has no function nope"):
+        load_config(None, {"actors.reward": f"{user}:nope"})
+    with pytest.raises(ConfigError, match=r"'actors.reward'.*not one of"):
+        load_config(None, {"actors.reward": "no_such_builtin"})
+    assert load_config(None, {"actors.reward": f"{user}:score"}).actors.reward == f"{user}:score"
+
+
+def test_nccl_needs_gpus_on_both_sides():
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"'weights.transport': nccl .* actors.num_gpus=0.0 and learner.num_gpus=0.0"):
+        load_config(None, {"weights.transport": "nccl"})
+    with pytest.raises(ConfigError, match=r"learner.num_gpus=0.0"):
+        load_config(None, {"weights.transport": "nccl", "actors.num_gpus": 1})
+    cfg = load_config(None, {"weights.transport": "nccl", "actors.num_gpus": 1, "learner.num_gpus": 1})
+    assert cfg.weights.transport == "nccl"
