@@ -148,7 +148,8 @@ def test_independent_generators_get_distinct_nccl_ranks(workers):
 def test_weight_sync_config_accepts_nccl_and_checks_bucket_size():
     from launch.config import ConfigError, load_config
 
-    cfg = load_config(None, {"weights.transport": "nccl", "weights.bucket_mb": 64})
+    gpus = {"actors.num_gpus": 1, "learner.num_gpus": 1}  # nccl without GPUs is refused (tests/test_config.py)
+    cfg = load_config(None, {"weights.transport": "nccl", "weights.bucket_mb": 64, **gpus})
     assert cfg.weights.transport == "nccl" and cfg.weights.bucket_mb == 64
     with pytest.raises(ConfigError, match="'weights.bucket_mb'"):
         load_config(None, {"weights.bucket_mb": 0})
