@@ -145,7 +145,7 @@ class SyncEngine:
     def close(self) -> None:
         """Nothing outlives this process: the in-process engine goes with it."""
 
-    # vLLM's weight-transfer engine API, driven by a trainer-side transport (transport/engine.py). The engine
+    # vLLM's weight-transfer engine API, driven by a trainer-side transport (transport/push.py). The engine
     # named by `weight_transfer_backend` receives the data (NCCL on GPU); these only relay the control plane.
     def push_init(self, init_info: dict) -> None:
         self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})

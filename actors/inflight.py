@@ -126,8 +126,6 @@ def _write_safetensors(named_tensors) -> str:
     return path
 
 
-
-
 class AsyncEngine:
     """vLLM's `AsyncLLM` on its own event loop; `load` and `attach_slot` are thread-safe and may run
     while `sample` is blocked in another thread."""

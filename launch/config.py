@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.config import ActorConfig
+from actors.rewards import resolve_reward
 from buffer.config import BufferConfig
 from learner.config import LearnerConfig
 from learner.objectives.config import READS
@@ -117,7 +118,7 @@ class RunConfig(BaseModel):
     """Also log every metric to Weights & Biases, offline, under the run directory (needs the `wandb` extra)."""
 
     @model_validator(mode="after")
-    def _component_seeds_default_to_the_run_seed(self) -> "RunConfig":
+    def _component_defaults_from_the_run(self) -> "RunConfig":
         # Here rather than in `validate`, so every RunConfig (YAML, overrides, a resumed config.yaml, a test's
         # RunConfig(seed=7)) resolves the same way; copies, so a shared default instance is never changed.
         # A resumed run reads its resolved seeds back from config.yaml, so it keeps the seeds it started with.
@@ -197,8 +198,6 @@ def _looks_local(path: str) -> bool:
 
 
 def validate(cfg: RunConfig) -> None:
-    from actors.rewards import resolve_reward
-
     """Rules that span components: each one would otherwise deadlock or fail late."""
     L, A, B = cfg.learner, cfg.actors, cfg.buffer
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
@@ -230,8 +229,8 @@ def validate(cfg: RunConfig) -> None:
                           "importance ratio would be biased; sample with top_p 1.0 and top_k 0")
     try:  # user code is loaded here, in the driver, so a wrong path or name fails before any actor starts
         resolve_reward(A.reward)
-    except (ValueError, SyntaxError, ImportError) as exc:
-        raise ConfigError(f"config key 'actors.reward': {exc}") from None
+    except Exception as exc:  # a bad spec, or user code that fails while it is imported
+        raise ConfigError(f"config key 'actors.reward': {type(exc).__name__}: {exc}") from None
     if cfg.data.eval_every and not cfg.data.eval:
         raise ConfigError("config key 'data.eval_every': set data.eval to a held-out prompt file as well")
     max_len = L.objective.max_len

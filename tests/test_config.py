@@ -154,6 +154,10 @@ def test_reward_spec_is_resolved_at_config_time(tmp_path):
         load_config(None, {"actors.reward": f"{user}:nope"})
     with pytest.raises(ConfigError, match=r"'actors.reward'.*not one of"):
         load_config(None, {"actors.reward": "no_such_builtin"})
+    broken = tmp_path / "broken_reward.py"
+    broken.write_text("import no_such_module_anywhere\n")
+    with pytest.raises(ConfigError, match=r"'actors.reward': ModuleNotFoundError"):
+        load_config(None, {"actors.reward": f"{broken}:score"})
     assert load_config(None, {"actors.reward": f"{user}:score"}).actors.reward == f"{user}:score"
 
 
