@@ -107,6 +107,7 @@ def _rollout(row: dict, file: str, i: int) -> Rollout:
             response_text=str(row.get("response_text") or ""),
             reward_info=str(row.get("reward_info") or ""),
             token_versions=[int(v) for v in row.get("token_versions") or []],
+            data_source=str(row.get("data_source") or ""),
         )
     except ValueError as e:
         raise ValueError(f"offline data file {file} row {i}: {e}") from e

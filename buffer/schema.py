@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+SCHEMA_VERSION = 2  # bump when a field is added, removed or changes meaning; written into exported files
+
 ROLLOUT_SCHEMA = pa.schema(
     [
         pa.field("rollout_id", pa.string(), nullable=False),  # unique per generation
@@ -30,6 +32,7 @@ ROLLOUT_SCHEMA = pa.schema(
         pa.field("t_end", pa.float64(), nullable=False),  # unix time the reward was computed
         pa.field("response_text", pa.string(), nullable=False),
         pa.field("reward_info", pa.string(), nullable=False),  # "" or why the reward is what it is (e.g. "nan")
+        pa.field("data_source", pa.string(), nullable=False),  # the row's source tag (dataset, task); "" if none
     ]
 )
 
@@ -54,6 +57,7 @@ class Rollout:
     response_text: str = ""
     reward_info: str = ""
     token_versions: list[int] = field(default_factory=list)  # (T,); filled from policy_version if empty
+    data_source: str = ""  # which dataset/task the prompt came from: routes rewards, splits metrics, tags exports
 
     def __post_init__(self) -> None:
         n_resp = len(self.token_ids) - self.prompt_len

@@ -76,5 +76,6 @@ def fake_group_fast(
         "t_end": pa.array([2.0] * group_size),
         "response_text": pa.array([""] * group_size),
         "reward_info": pa.array([""] * group_size),
+        "data_source": pa.array([""] * group_size),
     }
     return pa.RecordBatch.from_pydict(columns, schema=ROLLOUT_SCHEMA)
