@@ -7,7 +7,11 @@ FROM python:3.11.11-slim-bookworm
 
 ARG VARIANT=gpu
 
+# RAY_AUTH_MODE=token: every ray command and Relay in the container use token authentication (Ray 2.60's secure
+# default); a local Ray makes its own token, a cluster node needs the head's: -e RAY_AUTH_TOKEN=... or a mounted
+# /root/.ray/auth_token (README, "On a Ray cluster").
 ENV PYTHONUNBUFFERED=1 \
+    RAY_AUTH_MODE=token \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 

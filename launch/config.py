@@ -89,6 +89,8 @@ class RayConfig(BaseModel):
     """Local Ray only: start the dashboard."""
     rpc_timeout_s: float = Field(600.0, gt=0)
     """Longest wait on any actor call (a generation request, a learner step, a put) before it counts as failed."""
+    connect_timeout_s: float = Field(30.0, gt=0)
+    """Joining a cluster: longest wait for its GCS to accept a connection before the run fails naming the address."""
     startup_timeout_s: float = Field(900.0, gt=0)
     """Longest wait for the learner ranks to load the model and start DeepSpeed."""
 

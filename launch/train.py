@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from launch.cluster import ClusterError, check_fits, join
 from launch.config import ConfigError, RunConfig, load_config, parse_overrides
 
 
@@ -25,6 +26,16 @@ def placement(cfg: RunConfig) -> list[dict]:
     rows.append({"actor": "rollout", "count": cfg.actors.num_actors, "num_cpus": cfg.actors.num_cpus, "num_gpus": cfg.actors.num_gpus})
     rows.append({"actor": "learner_rank", "count": cfg.learner.num_ranks, "num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.learner.num_gpus})
     return rows
+
+
+def resource_requests(cfg: RunConfig) -> dict[str, dict[str, float]]:
+    """What one node must hold for each kind of actor, by the config key that asks for it."""
+    A, L = cfg.actors, cfg.learner
+    out = {"actors.num_cpus/num_gpus": {"CPU": A.num_cpus, "GPU": A.num_gpus},
+           "learner.num_cpus/num_gpus": {"CPU": L.num_cpus, "GPU": L.num_gpus}}
+    if L.placement_strategy == "STRICT_PACK":  # every rank on one node
+        out["learner.placement_strategy"] = {"CPU": L.num_cpus * L.num_ranks, "GPU": L.num_gpus * L.num_ranks}
+    return out
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
@@ -54,7 +65,7 @@ def init_ray(cfg: RunConfig) -> bool:
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        join(address, cfg.ray.connect_timeout_s)
         return False
     ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
              runtime_env=env, log_to_driver=True, configure_logging=True, logging_level="WARNING")
@@ -79,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as exc:
             print(f"relay: {exc}", file=sys.stderr)
             return 2
-    summary = run(cfg, run_dir, resume=bool(args.resume))
+    try:
+        summary = run(cfg, run_dir, resume=bool(args.resume))
+    except ClusterError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
     print("relay: done " + json.dumps(summary))
     return 0
 
@@ -97,6 +112,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     model_path = cfg.model.path or build_default_model(cfg.model, cfg.data.max_operand, Path(cfg.output_dir) / "_models")
     started = init_ray(cfg)
     try:
+        check_fits(resource_requests(cfg), ray.nodes())
         summary = Launcher(cfg, run_dir, model_path, resume=resume).run()
     finally:
         if started:
