@@ -83,13 +83,17 @@ class RolloutActor:
         """The worker process id (operators and fault-injection tests kill it from outside)."""
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        return ray.get_runtime_context().get_node_id()
+
 
 def make_rollout_actor(cfg: ActorConfig, generator: int | str, **kwargs):
     """Each actor requests its own resources, so an autoscaler can add nodes for rollouts alone."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
            "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cls = ray.remote(RolloutActor).options(
-        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, name=None, max_restarts=0,
+        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources, name=None, max_restarts=0,
         runtime_env={"env_vars": env},
         # in_flight: offer_weights (and evaluate) must run while generate blocks, so the actor is threaded
         max_concurrency=4 if cfg.weight_update_mode == "in_flight" else 1,

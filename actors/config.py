@@ -15,6 +15,9 @@ class ActorConfig(BaseModel):
     """CPUs each rollout actor reserves from Ray."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs each rollout actor reserves (0 on CPU machines)."""
+    resources: dict[str, float] = {}
+    """Ray custom resources each rollout actor reserves, e.g. {rollout_node: 1} to keep rollouts on nodes started
+    with `ray start --resources '{"rollout_node": 8}'` (node types, spot pools, an autoscaler's worker group)."""
     prompts_per_request: int = Field(16, ge=1)
     """Prompt groups one generation request carries (the unit of admission and of work re-issue)."""
     n: int = Field(8, ge=1)

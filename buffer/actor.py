@@ -29,7 +29,12 @@ def make_buffer_actor(
         raise ValueError(
             f"buffer actor needs max_concurrency >= 4 so blocked calls do not starve the rest, got {max_concurrency}"
         )
-    options = {"num_cpus": num_cpus, "max_concurrency": max_concurrency}
+    # On the driver's node: the buffer persists into the run directory the driver reads, and a worker node that
+    # leaves the cluster (a spot node, scale-down) must not take every stored rollout with it.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    options = {"num_cpus": num_cpus, "max_concurrency": max_concurrency, "scheduling_strategy": here}
     if name is not None:
         options["name"] = name
     return ReplayBufferActor.options(**options).remote(cfg, groups_per_step, run_dir)

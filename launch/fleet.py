@@ -34,6 +34,7 @@ class Slot:
     restarts: int = 0
     requests_done: int = 0
     pid: int | None = None
+    last_call: int = -1  # when it was last given a call (the fleet's call count then): ties go to the longest idle
 
 
 class RolloutFleet:
@@ -41,6 +42,7 @@ class RolloutFleet:
         self._make, self.max_failures = make_actor, max_failures
         self.slots: dict[int, Slot] = {}
         self.events: list[dict] = []  # drained by the launcher into events.jsonl
+        self._calls_given = 0
 
     # ---- membership ---------------------------------------------------------------------------
     def _start(self, index: int, restarts: int = 0, failures: int = 0) -> Slot:
@@ -92,11 +94,14 @@ class RolloutFleet:
 
     def places(self, depth: int, drain_one: bool = False) -> list[int]:
         """Where generation requests can go now: each live actor once per call it can still queue (up to
-        `depth`), least loaded first. `drain_one`: the first live actor gets none, so it becomes idle (an
-        evaluation waits for it)."""
+        `depth`), least loaded first and, among equals, the one given a call longest ago: when admission holds
+        fewer requests than the fleet could take, work still rotates over every actor (one added by launch.scale
+        too) instead of always going to the lowest-numbered. `drain_one`: the first live actor gets none, so it
+        becomes idle (an evaluation waits for it)."""
         live = sorted(i for i, s in self.slots.items() if s.state in ("idle", "busy"))
-        free = sorted((self.slots[i].calls, i) for i in live[1 if drain_one else 0:])
-        return [i for calls, i in free for _ in range(depth - calls)]
+        slots = [self.slots[i] for i in live[1 if drain_one else 0:]]
+        free = sorted((load, s.last_call, s.index) for s in slots for load in range(s.calls, depth))
+        return [i for _, _, i in free]
 
     def on_ready_of(self, index: int, generator_id: str) -> None:
         """A start-up call answered; ignored if that actor is gone (scaled away or replaced) meanwhile."""
@@ -105,7 +110,8 @@ class RolloutFleet:
 
     def busy(self, index: int) -> object:
         slot = self.slots[index]
-        slot.state, slot.calls = "busy", slot.calls + 1
+        slot.state, slot.calls, slot.last_call = "busy", slot.calls + 1, self._calls_given
+        self._calls_given += 1
         return slot.actor
 
     def holds(self, index: int, generator_id: str) -> bool:

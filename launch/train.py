@@ -23,18 +23,19 @@ from launch.config import ConfigError, RunConfig, load_config, parse_overrides
 def placement(cfg: RunConfig) -> list[dict]:
     """Which actors the run starts and what each reserves."""
     rows = [{"actor": "replay_buffer", "count": 1, "num_cpus": 0, "num_gpus": 0}]
-    rows.append({"actor": "rollout", "count": cfg.actors.num_actors, "num_cpus": cfg.actors.num_cpus, "num_gpus": cfg.actors.num_gpus})
-    rows.append({"actor": "learner_rank", "count": cfg.learner.num_ranks, "num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.learner.num_gpus})
+    A, L = cfg.actors, cfg.learner
+    rows.append({"actor": "rollout", "count": A.num_actors, "num_cpus": A.num_cpus, "num_gpus": A.num_gpus, "resources": A.resources})
+    rows.append({"actor": "learner_rank", "count": L.num_ranks, "num_cpus": L.num_cpus, "num_gpus": L.num_gpus, "resources": L.resources})
     return rows
 
 
 def resource_requests(cfg: RunConfig) -> dict[str, dict[str, float]]:
     """What one node must hold for each kind of actor, by the config key that asks for it."""
     A, L = cfg.actors, cfg.learner
-    out = {"actors.num_cpus/num_gpus": {"CPU": A.num_cpus, "GPU": A.num_gpus},
-           "learner.num_cpus/num_gpus": {"CPU": L.num_cpus, "GPU": L.num_gpus}}
+    out = {"actors.num_cpus/num_gpus/resources": {"CPU": A.num_cpus, "GPU": A.num_gpus, **A.resources},
+           "learner.num_cpus/num_gpus/resources": {"CPU": L.num_cpus, "GPU": L.num_gpus, **L.resources}}
     if L.placement_strategy == "STRICT_PACK":  # every rank on one node
-        out["learner.placement_strategy"] = {"CPU": L.num_cpus * L.num_ranks, "GPU": L.num_gpus * L.num_ranks}
+        out["learner.placement_strategy"] = {r: v * L.num_ranks for r, v in out["learner.num_cpus/num_gpus/resources"].items()}
     return out
 
 

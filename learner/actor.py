@@ -85,10 +85,13 @@ class LearnerRank:
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
 
 def learner_bundles(cfg: LearnerConfig) -> list[dict]:
     """One Ray bundle per rank: what that rank's actor reserves."""
-    bundle = {"CPU": cfg.num_cpus} | ({"GPU": cfg.num_gpus} if cfg.num_gpus > 0 else {})
+    bundle = {"CPU": cfg.num_cpus} | ({"GPU": cfg.num_gpus} if cfg.num_gpus > 0 else {}) | cfg.resources
     return [dict(bundle) for _ in range(cfg.num_ranks)]
 
 
@@ -149,7 +152,7 @@ def make_learner_ranks(cfg: LearnerConfig, **kwargs) -> list:
     env = {"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(int(cfg.num_cpus), 1))}}}
     return [
         # max_concurrency 2: `materialize` (object-store publishing) runs while the next step trains
-        cls(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0, max_concurrency=2, **env,
+        cls(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources, max_restarts=0, max_concurrency=2, **env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)).remote(
             cfg, rank=r, world_size=cfg.num_ranks, master_addr=addr, master_port=port, **kwargs)
         for r in range(cfg.num_ranks)

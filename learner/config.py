@@ -17,6 +17,8 @@ class LearnerConfig(BaseModel):
     """CPUs each learner rank reserves from Ray."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs each learner rank reserves (1 on GPU clusters)."""
+    resources: dict[str, float] = {}
+    """Ray custom resources each learner rank's bundle reserves, e.g. {trainer_node: 1}."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage."""
     zero3_persistence_threshold: int | None = Field(None, ge=0)

@@ -58,5 +58,5 @@ def test_main_refuses_a_rollout_actor_no_node_can_hold(tmp_path, tiny_model_dir,
     rc = main(["--actors.num_gpus", "1", "--ray.num_cpus", "2", "--model.path", tiny_model_dir,
                "--output_dir", str(tmp_path), "--progress", "false"])
     err = capsys.readouterr().err
-    assert rc == 2 and "'actors.num_cpus/num_gpus'" in err and "no node of the cluster has that much" in err, err
+    assert rc == 2 and "'actors.num_cpus/num_gpus/resources'" in err and "no node of the cluster has that much" in err, err
     assert not list(tmp_path.glob("*/metrics.jsonl"))  # nothing ran

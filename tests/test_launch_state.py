@@ -39,3 +39,32 @@ def test_calls_hand_back_overdue_ones_once():
     assert calls.overdue() == [] and not calls.has("generate") and calls.has("learn")
     calls.drop("learn", "admit")
     assert not calls.has("learn") and not calls.has("admit") and not calls.knows("fine")
+
+
+class _StubActor:
+    class pid:  # noqa: N801  the one remote method the fleet calls on start
+        @staticmethod
+        def remote():
+            return None
+
+
+def test_work_rotates_over_every_actor_when_admission_holds_fewer_requests_than_the_fleet_takes():
+    """One request at a time on three idle actors: each gets its turn (an actor added by launch.scale too),
+    not always the lowest-numbered one."""
+    from launch.fleet import RolloutFleet
+
+    fleet = RolloutFleet(lambda gid: _StubActor(), max_failures=3)
+    fleet.scale_to(3)
+    for slot in fleet.slots.values():
+        slot.state = "idle"
+    assert fleet.places(2) == [0, 1, 2, 0, 1, 2]  # every actor's first queue place before anyone's second
+    order = []
+    for _ in range(6):
+        i = fleet.places(2)[0]
+        fleet.busy(i)
+        fleet.on_success(i, version=0, offered_version=0)
+        order.append(i)
+    assert order == [0, 1, 2, 0, 1, 2]
+    fleet.busy(0)
+    assert fleet.places(2)[:2] == [1, 2]  # less loaded first
+    assert 0 not in fleet.places(2, drain_one=True)  # draining for an evaluation
