@@ -16,15 +16,28 @@ from pathlib import Path
 
 import yaml
 
-from launch.config import ConfigError, RunConfig, load_config, parse_overrides
+from actors.config import resolved_dtype, resolved_eager
+from launch.config import ConfigError, RunConfig, check_model, load_config, parse_overrides
 
 
 def placement(cfg: RunConfig) -> list[dict]:
     """Which actors the run starts and what each reserves."""
     rows = [{"actor": "replay_buffer", "count": 1, "num_cpus": 0, "num_gpus": 0}]
-    rows.append({"actor": "rollout", "count": cfg.actors.num_actors, "num_cpus": cfg.actors.num_cpus, "num_gpus": cfg.actors.num_gpus})
+    A = cfg.actors
+    rows.append({"actor": "rollout", "count": A.num_actors, "num_cpus": A.num_cpus,
+                 # a tensor-parallel actor reserves a placement group of one whole GPU per worker, on one node
+                 "num_gpus": A.tensor_parallel_size if A.tensor_parallel_size > 1 else A.num_gpus})
     rows.append({"actor": "learner_rank", "count": cfg.learner.num_ranks, "num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.learner.num_gpus})
     return rows
+
+
+def engine_settings(cfg: RunConfig) -> dict:
+    """What each rollout actor's vLLM engine is started with, auto values resolved (actors/config.py)."""
+    A = cfg.actors
+    return {"dtype": resolved_dtype(A), "enforce_eager": resolved_eager(A), "tensor_parallel_size": A.tensor_parallel_size,
+            "gpus_per_actor": A.tensor_parallel_size if A.tensor_parallel_size > 1 else A.num_gpus,
+            "max_model_len": cfg.model.max_model_len, "max_tokens": A.max_tokens,
+            "gpu_memory_utilization": A.gpu_memory_utilization, "stop": A.stop, "stop_token_ids": A.stop_token_ids}
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
@@ -68,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(yaml.safe_dump({"config": cfg.model_dump(mode="json"), "placement": placement(cfg)}, sort_keys=False))
+        print(yaml.safe_dump({"config": cfg.model_dump(mode="json"), "placement": placement(cfg),
+                              "engine": engine_settings(cfg)}, sort_keys=False))
         return 0
     run_dir = Path(args.run_dir or Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume:
@@ -79,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as exc:
             print(f"relay: {exc}", file=sys.stderr)
             return 2
-    summary = run(cfg, run_dir, resume=bool(args.resume))
+    try:
+        summary = run(cfg, run_dir, resume=bool(args.resume))
+    except ConfigError as exc:  # what only the built model or the live cluster can tell, before any actor starts
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
     print("relay: done " + json.dumps(summary))
     return 0
 
@@ -95,6 +113,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     model_path = cfg.model.path or build_default_model(cfg.model, cfg.data.max_operand, Path(cfg.output_dir) / "_models")
+    if cfg.model.path is None:
+        check_model(cfg, model_path)  # a user model was checked with the config; the built one only now
     started = init_ray(cfg)
     try:
         summary = Launcher(cfg, run_dir, model_path, resume=resume).run()
