@@ -50,6 +50,13 @@ class ModelConfig(BaseModel):
     seed: int = 0
     """Tiny default model: initialisation and warm-start seed (defaults to the run's seed)."""
 
+    @model_validator(mode="after")
+    def _tiny_model_context(self) -> "ModelConfig":
+        # here, so a bare ModelConfig() builds the tiny model as before; a user model's is read in `validate`
+        if self.path is None and self.max_model_len is None:
+            self.max_model_len = TINY_MAX_MODEL_LEN
+        return self
+
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -126,8 +133,6 @@ class RunConfig(BaseModel):
         # Here rather than in `validate`, so every RunConfig (YAML, overrides, a resumed config.yaml, a test's
         # RunConfig(seed=7)) resolves the same way; copies, so a shared default instance is never changed.
         # A resumed run reads its resolved seeds back from config.yaml, so it keeps the seeds it started with.
-        if self.model.path is None and self.model.max_model_len is None:  # a user model's is read in `validate`
-            self.model = self.model.model_copy(update={"max_model_len": TINY_MAX_MODEL_LEN})
         for name in ("model", "data", "actors", "buffer", "learner"):
             component = getattr(self, name)
             if "seed" not in component.model_fields_set:
