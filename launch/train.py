@@ -113,8 +113,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     model_path = cfg.model.path or build_default_model(cfg.model, cfg.data.max_operand, Path(cfg.output_dir) / "_models")
-    if cfg.model.path is None:
-        check_model(cfg, model_path)  # a user model was checked with the config; the built one only now
+    check_model(cfg, model_path)  # the built tiny model only now; a user model again, for a config built in code
     started = init_ray(cfg)
     try:
         summary = Launcher(cfg, run_dir, model_path, resume=resume).run()
