@@ -118,10 +118,12 @@ def untrained_model_dir(tmp_path_factory) -> str:
     return build_default_model(ModelConfig(warm_start_steps=0), max_operand=4, cache_dir=tmp_path_factory.mktemp("raw"))
 
 
-def test_stop_strings_and_stop_ids_end_generation_with_the_sampled_tokens(untrained_model_dir):
+@pytest.mark.parametrize("mode", ["between_batches", "in_flight"])
+def test_stop_strings_and_stop_ids_end_generation_with_the_sampled_tokens(untrained_model_dir, mode):
     """A response ends at the first stop string or stop token; the Rollout keeps exactly the tokens the engine
     sampled, stop tokens included, with their log-probs (checked against transformers), and its text is what
-    those tokens spell (the stop string kept), so the reward and the learner see the same response."""
+    those tokens spell (the stop string kept), so the reward and the learner see the same response. Both engines
+    (the in-flight one streams deltas, with a weight version per token)."""
     import gc
     from collections import Counter
 
@@ -131,7 +133,7 @@ def test_stop_strings_and_stop_ids_end_generation_with_the_sampled_tokens(untrai
     from actors.generator import Generator, Prompt
     from buffer.schema import rollouts_from_arrow
 
-    gen = Generator(ActorConfig(n=8, max_tokens=16, temperature=0.9, stop=["1+"]), untrained_model_dir,
+    gen = Generator(ActorConfig(n=8, max_tokens=16, temperature=0.9, stop=["1+"], weight_update_mode=mode), untrained_model_dir,
                     "stop-gen", max_model_len=64)
     tok = gen.engine.tokenizer
     eq, eos = tok.convert_tokens_to_ids("="), tok.eos_token_id
@@ -141,6 +143,7 @@ def test_stop_strings_and_stop_ids_end_generation_with_the_sampled_tokens(untrai
     for r in rows:
         resp = r.token_ids[r.prompt_len:]
         assert len(r.behaviour_logprobs) == len(resp)
+        assert len(r.token_versions) == len(resp) or mode == "between_batches"  # a version per kept token
         assert r.response_text == tok.decode(resp, skip_special_tokens=True)  # text and tokens agree
         assert eq not in resp[:-1] and eos not in resp[:-1] and "1+" not in tok.decode(resp[:-1])  # the first stop ends it
         if resp[-1] == eq:
