@@ -88,15 +88,45 @@ class RolloutActor:
         return ray.get_runtime_context().get_node_id()
 
 
-def make_rollout_actor(cfg: ActorConfig, generator: int | str, **kwargs):
-    """Each actor requests its own resources, so an autoscaler can add nodes for rollouts alone."""
+def rollout_bundles(cfg: ActorConfig) -> list[dict]:
+    """A tensor-parallel actor's placement group: one whole GPU per tensor-parallel worker (vLLM accepts no more
+    than one GPU per bundle), the first bundle also holding the actor's own CPUs."""
+    return [{"GPU": 1.0, "CPU": cfg.num_cpus, **cfg.resources}] + [{"GPU": 1.0}] * (cfg.tensor_parallel_size - 1)
+
+
+def place_rollout_actor(cfg: ActorConfig):
+    """A fresh placement group for one rollout actor, or None with one GPU or none (each actor then simply
+    requests actors.num_cpus/num_gpus, as always). STRICT_PACK: tensor-parallel workers talk over NVLink/PCIe on
+    one node. Not waited for: the actor's start-up call waits (ray.startup_timeout_s), so a group that cannot be
+    placed yet fails that actor like any other start-up failure. The fleet removes it with the actor."""
+    if cfg.tensor_parallel_size == 1:
+        return None
+    from ray.util.placement_group import placement_group
+
+    return placement_group(rollout_bundles(cfg), strategy="STRICT_PACK")
+
+
+def rollout_actor_options(cfg: ActorConfig, placement=None) -> dict:
+    """Ray options of a rollout actor. In a placement group the actor takes only CPUs, in bundle 0; vLLM's Ray
+    executor finds the group (capture_child_tasks makes it the actor's current group) and starts one worker per
+    GPU bundle, and a worker is a child of this actor, so it dies with it."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
            "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cls = ray.remote(RolloutActor).options(
-        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources, name=None, max_restarts=0,
-        runtime_env={"env_vars": env},
-        # in_flight: offer_weights (and evaluate) must run while generate blocks, so the actor is threaded
-        max_concurrency=4 if cfg.weight_update_mode == "in_flight" else 1,
-    )
+    options = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources, name=None, max_restarts=0,
+                   runtime_env={"env_vars": env},
+                   # in_flight: offer_weights (and evaluate) must run while generate blocks, so the actor is threaded
+                   max_concurrency=4 if cfg.weight_update_mode == "in_flight" else 1)
+    if placement is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options.update(num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=placement, placement_group_bundle_index=0, placement_group_capture_child_tasks=True))
+    return options
+
+
+def make_rollout_actor(cfg: ActorConfig, generator: int | str, placement=None, **kwargs):
+    """Each actor requests its own resources (a tensor-parallel one, its own placement group), so an autoscaler can
+    add nodes for rollouts alone."""
+    cls = ray.remote(RolloutActor).options(**rollout_actor_options(cfg, placement))
     generator_id = f"gen-{generator}" if isinstance(generator, int) else generator  # an index or a full id
     return cls.remote(cfg, generator_id=generator_id, **kwargs)

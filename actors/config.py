@@ -29,13 +29,26 @@ class ActorConfig(BaseModel):
     top_k: int = Field(0, ge=0)
     """Top-k truncation (0 = off)."""
     max_tokens: int = Field(8, ge=1)
-    """Longest response, in tokens."""
+    """Longest response, in tokens (must leave room for a prompt inside model.max_model_len)."""
+    stop: list[str] = []
+    """Strings that end a response (e.g. "</answer>"). The response keeps the stop string, in its tokens and its
+    text alike, so the reward reads what the tokens the learner trains on spell."""
+    stop_token_ids: list[int] = []
+    """Token ids that end a response besides the model's EOS (e.g. a chat model's end-of-turn token)."""
     reward: str = "arithmetic"
     """Builtin reward (arithmetic, math_verify) or path/to/file.py:function."""
     kv_cache_gib: int = Field(1, ge=1)
     """vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    """Fraction of GPU memory vLLM may take (GPU only)."""
+    """Fraction of each GPU's memory vLLM may take (weights, activations, KV cache; GPU only)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Engine weights and activations: auto is bfloat16 on GPU (num_gpus > 0) and float32 on CPU. The learner's
+    log-probs are float32 either way, so bf16 sampling widens the gap between behaviour and recomputed log-probs."""
+    enforce_eager: Literal["auto", True, False] = "auto"
+    """Run the model eagerly (true) or with CUDA graphs (false); auto is eager on CPU, CUDA graphs on GPU."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one rollout actor's engine spans (vLLM tensor parallelism through its Ray executor). Above 1, each
+    actor reserves its own placement group of that many {GPU: 1} bundles on one node; num_gpus must then be 1."""
     enable_prefix_caching: bool = True
     """Reuse prompt KV blocks across the n samples; the cache is reset on every weight update."""
     seed: int = 0
@@ -60,3 +73,19 @@ class ActorConfig(BaseModel):
                 raise ValueError("actors.requests_per_actor must be 1 with weight_update_mode in_flight")
             self.requests_per_actor = 1
         return self
+
+
+def resolved_dtype(cfg: ActorConfig) -> str:
+    """`actors.dtype`, with auto resolved: bfloat16 where the actor has GPUs, float32 on CPU (the tiny CPU runs
+    compare behaviour log-probs with the learner's to 1e-4, which bf16 cannot meet)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "bfloat16" if cfg.num_gpus > 0 else "float32"
+
+
+def resolved_eager(cfg: ActorConfig) -> bool:
+    """`actors.enforce_eager`, with auto resolved: CUDA graphs on GPU (decode is launch-bound without them),
+    eager on CPU (there are no graphs to capture)."""
+    if cfg.enforce_eager != "auto":
+        return cfg.enforce_eager
+    return cfg.num_gpus <= 0

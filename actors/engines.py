@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from actors.config import ActorConfig
+from actors.config import ActorConfig, resolved_dtype, resolved_eager
 from transport.plain_weights import layout_of, load_in_place, point_at, set_cpu_weight_layout
 
 
@@ -29,12 +29,20 @@ def actor_seed(cfg: ActorConfig, generator_id: str) -> int:
     return cfg.seed + zlib.crc32(generator_id.encode()) % 10_000
 
 
+def parallel_args(cfg: ActorConfig) -> dict:
+    """Tensor parallelism through vLLM's own Ray executor: its workers take the GPU bundles of the placement group
+    this actor runs in (actors/actor.py reserves one per actor). With one GPU nothing changes."""
+    if cfg.tensor_parallel_size == 1:
+        return {}
+    return dict(tensor_parallel_size=cfg.tensor_parallel_size, distributed_executor_backend="ray")
+
+
 def engine_args(cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int, **extra) -> dict:
     """vLLM engine arguments of every generator, whichever engine runs them."""
     return dict(
         model=model_path,
-        dtype="float32",
-        enforce_eager=True,
+        dtype=resolved_dtype(cfg),
+        enforce_eager=resolved_eager(cfg),
         max_model_len=max_model_len,
         # the sampled token's log-prob under the distribution actually sampled from (temperature, top-k/p
         # applied): the behaviour policy mu that off-policy corrections divide by
@@ -42,6 +50,7 @@ def engine_args(cfg: ActorConfig, model_path: str, generator_id: str, max_model_
         enable_prefix_caching=cfg.enable_prefix_caching,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         seed=actor_seed(cfg, generator_id),
+        **parallel_args(cfg),
         **extra,
     )
 

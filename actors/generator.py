@@ -157,6 +157,12 @@ class Generator:
             top_k=self.cfg.top_k if self.cfg.top_k > 0 else -1,
             max_tokens=self.cfg.max_tokens,
             logprobs=0,  # the sampled token's own entry only
+            stop=self.cfg.stop or None,
+            stop_token_ids=self.cfg.stop_token_ids or None,
+            # token_ids always end with the token that completed a stop string (vLLM trims only tokens after it, with
+            # their log-probs); keeping the string in the text too makes the text the reward reads what those tokens
+            # spell. A stop token id (like EOS) stays in token_ids and decodes to nothing when it is special.
+            include_stop_str_in_output=True,
         )
 
     def generate(self, prompts: list[Prompt]) -> GenerationResult:

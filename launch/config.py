@@ -26,6 +26,9 @@ class ConfigError(ValueError):
     """A configuration that cannot work; raised before any actor starts."""
 
 
+TINY_MAX_MODEL_LEN = 64  # the default model's context: prompts of a+b= and a few answer tokens
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -37,14 +40,22 @@ class ModelConfig(BaseModel):
     """Tiny default model: transformer layers."""
     vocab_size: int = Field(64, ge=16)
     """Tiny default model: BPE vocabulary trained on the task text."""
-    max_model_len: int = Field(64, ge=8)
-    """Context length for generation and training."""
+    max_model_len: int | None = Field(None, ge=8)
+    """Context length (prompt + response) for generation and training. Unset: 64 for the tiny default model, and
+    the model's own max_position_embeddings (its config.json) for `path`."""
     warm_start_steps: int = Field(200, ge=0)
     """Tiny default model: supervised steps on the answer format before RL."""
     warm_start_correct_fraction: float = Field(1.0, ge=0, le=1)
     """Fraction of warm-start answers that are right (the rest random); a short warm start leaves most of the table to RL."""
     seed: int = 0
     """Tiny default model: initialisation and warm-start seed (defaults to the run's seed)."""
+
+    @model_validator(mode="after")
+    def _tiny_model_context(self) -> "ModelConfig":
+        # here, so a bare ModelConfig() builds the tiny model as before; a user model's is read in `validate`
+        if self.path is None and self.max_model_len is None:
+            self.max_model_len = TINY_MAX_MODEL_LEN
+        return self
 
 
 class DataConfig(BaseModel):
@@ -233,6 +244,7 @@ def validate(cfg: RunConfig) -> None:
         resolve_reward(A.reward)
     except Exception as exc:  # a bad spec, or user code that fails while it is imported
         raise ConfigError(f"config key 'actors.reward': {type(exc).__name__}: {exc}") from None
+    _check_engine(cfg)
     if cfg.data.eval_every and not cfg.data.eval:
         raise ConfigError("config key 'data.eval_every': set data.eval to a held-out prompt file as well")
     max_len = L.objective.max_len
@@ -251,3 +263,69 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'actors.prompts_per_request': {A.prompts_per_request} exceeds the {window} groups the staleness bound admits at once")
     if B.capacity_groups < L.groups_per_step or B.min_size_groups > B.capacity_groups:
         raise ConfigError(f"config key 'buffer.capacity_groups': {B.capacity_groups} cannot hold one step of {L.groups_per_step} groups")
+
+
+def _check_engine(cfg: RunConfig) -> None:
+    """The engine settings: tensor parallelism where it can run, and a context that holds a prompt and a response.
+    A user model's context length is resolved here from its config (the driver can read it: a local directory
+    or the hub cache), so every actor is started with the same number."""
+    A = cfg.actors
+    if A.tensor_parallel_size > 1 and A.num_gpus <= 0:
+        raise ConfigError(f"config key 'actors.tensor_parallel_size': {A.tensor_parallel_size} needs GPUs (Relay runs "
+                          "vLLM tensor parallelism on GPUs only), but actors.num_gpus is 0: use 1 on CPU, and more "
+                          "actors.num_actors for more throughput")
+    if A.tensor_parallel_size > 1 and A.num_gpus != 1:
+        raise ConfigError(f"config key 'actors.num_gpus': {A.num_gpus} with actors.tensor_parallel_size "
+                          f"{A.tensor_parallel_size}: each tensor-parallel worker holds one whole GPU, so each actor "
+                          f"reserves {A.tensor_parallel_size} GPUs; set actors.num_gpus 1")
+    if cfg.model.path is not None:
+        check_model(cfg, cfg.model.path)
+    if A.max_tokens >= cfg.model.max_model_len:
+        raise ConfigError(f"config key 'actors.max_tokens': {A.max_tokens} leaves no room for a prompt in "
+                          f"model.max_model_len={cfg.model.max_model_len} (prompt + response); lower it or raise "
+                          "model.max_model_len")
+
+
+def model_limits(path: str, required: bool = True) -> dict | None:
+    """max_position_embeddings, vocab_size and rope_scaling of the model at `path` (a directory or a hub name).
+    Not `required`: only from a local directory or the hub cache, None where neither has it."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, local_files_only=not required)
+    except Exception as exc:  # no config.json, offline without a cached copy, an unknown architecture
+        if not required:
+            return None
+        raise ConfigError(f"config key 'model.path': cannot read the model config of {path} "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                          "set model.max_model_len to skip reading the context length") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    return {"max_position_embeddings": getattr(text, "max_position_embeddings", None),
+            "vocab_size": getattr(text, "vocab_size", None),
+            # plain rope (transformers 5 reports it as rope_type "default") stretches nothing
+            "rope_scaling": rope.get("rope_type", rope.get("type", "default")) not in ("default", None)}
+
+
+def check_model(cfg: RunConfig, model_path: str) -> None:
+    """What only the model's config can tell: the context length (resolved when unset; an explicit one longer than
+    the model's is refused unless rope scaling stretches it, which vLLM judges) and stop ids inside the vocabulary.
+    The launcher calls it once the default model is built. With both set, a model not at hand yet (a hub name
+    the driver has not downloaded) is not fetched: vLLM checks the length when it loads it."""
+    M, A = cfg.model, cfg.actors
+    limits = model_limits(model_path, required=M.max_model_len is None or bool(A.stop_token_ids))
+    if limits is None:
+        return
+    longest = limits["max_position_embeddings"]
+    if M.max_model_len is None:
+        if longest is None:
+            raise ConfigError(f"config key 'model.max_model_len': {model_path} names no max_position_embeddings; set it")
+        cfg.model = M.model_copy(update={"max_model_len": longest})
+    elif longest is not None and M.max_model_len > longest and not limits["rope_scaling"]:
+        raise ConfigError(f"config key 'model.max_model_len': {M.max_model_len} exceeds the {longest} positions of "
+                          f"{model_path} (max_position_embeddings)")
+    vocab = limits["vocab_size"]
+    bad = [t for t in A.stop_token_ids if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise ConfigError(f"config key 'actors.stop_token_ids': {bad} outside the vocabulary of {model_path} "
+                          f"(vocab_size {vocab})")

@@ -7,7 +7,10 @@ generation requests, queued in the actor in order, or one evaluation) or
 `retiring` (scaled away: it finishes what it holds, then is killed). A failed actor is
 replaced in the same slot with a fresh generator id (so its sampling seed
 differs); after `max_failures` failures in a row without a success, the run
-stops with an error naming the actor rather than looping.
+stops with an error naming the actor rather than looping. A tensor-parallel actor
+runs in a placement group of its own (actors/actor.py): it is removed with the
+actor, and a replacement or an added actor gets a fresh one, so its GPUs are
+reserved together and freed together.
 """
 from __future__ import annotations
 
@@ -35,11 +38,15 @@ class Slot:
     requests_done: int = 0
     pid: int | None = None
     last_call: int = -1  # when it was last given a call (the fleet's call count then): ties go to the longest idle
+    placement: object = None  # the actor's own placement group (tensor-parallel actors), removed with it
 
 
 class RolloutFleet:
-    def __init__(self, make_actor: Callable[[str], object], max_failures: int):
-        self._make, self.max_failures = make_actor, max_failures
+    def __init__(self, make_actor: Callable[[str, object], object], max_failures: int,
+                 place: Callable[[], object] = lambda: None):
+        """`make_actor(generator_id, placement)` starts an actor in `placement`, what `place()` returned: a new
+        placement group per actor, or None when actors need none."""
+        self._make, self.max_failures, self._place = make_actor, max_failures, place
         self.slots: dict[int, Slot] = {}
         self.events: list[dict] = []  # drained by the launcher into events.jsonl
         self._calls_given = 0
@@ -47,8 +54,10 @@ class RolloutFleet:
     # ---- membership ---------------------------------------------------------------------------
     def _start(self, index: int, restarts: int = 0, failures: int = 0) -> Slot:
         gid = f"gen-{index}" if restarts == 0 else f"gen-{index}.r{restarts}"
-        actor = self._make(gid)
-        slot = Slot(index, actor, gid, ready=actor.pid.remote(), failures=failures, restarts=restarts)
+        placement = self._place()
+        actor = self._make(gid, placement)
+        slot = Slot(index, actor, gid, ready=actor.pid.remote(), failures=failures, restarts=restarts,
+                    placement=placement)
         self.slots[index] = slot
         return slot
 
@@ -70,7 +79,7 @@ class RolloutFleet:
     def _remove(self, index: int) -> None:
         slot = self.slots.pop(index)
         _close(slot, timeout_s=30)
-        ray.kill(slot.actor, no_restart=True)
+        _kill(slot)
         self.events.append({"event": "actor_removed", "actor": slot.generator_id})
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -149,7 +158,7 @@ class RolloutFleet:
     def on_failure(self, index: int, error: BaseException) -> None:
         """Replace the actor of `index` (kill it first: a stuck one must not push late results)."""
         slot = self.slots[index]
-        ray.kill(slot.actor, no_restart=True)
+        _kill(slot)  # its placement group too: the replacement gets a fresh one
         failures = slot.failures + 1
         self.events.append({"event": "actor_failed", "actor": slot.generator_id, "failures": failures,
                             "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]})
@@ -172,7 +181,7 @@ class RolloutFleet:
         """Stop every engine cleanly (an in_flight engine is a separate process) and the actors with them."""
         for slot in list(self.slots.values()):
             _close(slot, timeout_s)
-            ray.kill(slot.actor, no_restart=True)
+            _kill(slot)
         self.slots.clear()
 
 
@@ -182,3 +191,13 @@ def _close(slot: Slot, timeout_s: float) -> None:
             ray.get(slot.actor.close.remote(), timeout=timeout_s)
         except (ray.exceptions.RayError, TimeoutError):
             pass  # it is being killed either way; a dead actor has nothing left to close
+
+
+def _kill(slot: Slot) -> None:
+    """The actor, then its placement group (which frees the GPUs of its tensor-parallel workers)."""
+    ray.kill(slot.actor, no_restart=True)
+    if slot.placement is not None:
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(slot.placement)
+        slot.placement = None

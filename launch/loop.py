@@ -62,8 +62,8 @@ class Launcher:
         """The newest published version, else the weights a fresh generator loads (the start, or a checkpoint)."""
         return self.handle.version if self.handle is not None else self.start_step
 
-    def _new_actor(self, generator_id: str):
-        return make_rollout_actor(self.cfg.actors, generator_id, model_path=self.serving_path,
+    def _new_actor(self, generator_id: str, placement):
+        return make_rollout_actor(self.cfg.actors, generator_id, placement, model_path=self.serving_path,
                                   max_model_len=self.cfg.model.max_model_len, buffer=self.buffer,
                                   transport=self.transport, fetch_timeout_s=self.cfg.weights.timeout_s,
                                   version=self.policy_version, weight_transfer_backend=self.parts.push_backend)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 import ray
 
+from actors.actor import place_rollout_actor
 from buffer.actor import make_buffer_actor
 from launch.config import RunConfig
 from launch.control import ControlFile
@@ -42,7 +43,8 @@ class RunParts:
                                         temperature=cfg.actors.temperature, transport=self.transport)
 
     def fleet(self, make_actor: Callable[[str], object]) -> RolloutFleet:
-        self._fleet = RolloutFleet(make_actor, self.cfg.actors.max_failures)
+        A = self.cfg.actors
+        self._fleet = RolloutFleet(make_actor, A.max_failures, place=lambda: place_rollout_actor(A))
         self._control = ControlFile(self.run_dir)  # from now on, control.json steers this fleet
         return self._fleet
 
@@ -84,7 +86,8 @@ class RunParts:
         peers = {s.generator_id: s.actor for s in fleet.slots.values()}
         # rank 0 connects (and names a generator that does not answer within weights.timeout_s); the others
         # only learn that they publish nothing
-        ray.get([rank.connect_generators.remote(W.transport, W.bucket_mb, W.timeout_s, peers) for rank in self.ranks],
+        tp = self.cfg.actors.tensor_parallel_size  # every tensor-parallel worker of an engine receives the broadcast
+        ray.get([rank.connect_generators.remote(W.transport, W.bucket_mb, W.timeout_s, peers, tp) for rank in self.ranks],
                 timeout=timeout + W.timeout_s)
 
     def open_log(self, start_step: int, resumed_from: str | None) -> tuple[MetricsLog, list[dict]]:

@@ -16,27 +16,45 @@ from pathlib import Path
 
 import yaml
 
+from actors.config import resolved_dtype, resolved_eager
 from launch.cluster import ClusterError, check_fits, join
-from launch.config import ConfigError, RunConfig, load_config, parse_overrides
+from launch.config import ConfigError, RunConfig, check_model, load_config, parse_overrides
 
 
 def placement(cfg: RunConfig) -> list[dict]:
     """Which actors the run starts and what each reserves."""
     rows = [{"actor": "replay_buffer", "count": 1, "num_cpus": 0, "num_gpus": 0}]
     A, L = cfg.actors, cfg.learner
-    rows.append({"actor": "rollout", "count": A.num_actors, "num_cpus": A.num_cpus, "num_gpus": A.num_gpus, "resources": A.resources})
+    rows.append({"actor": "rollout", "count": A.num_actors, "num_cpus": A.num_cpus,
+                 # a tensor-parallel actor reserves a placement group of one whole GPU per worker, on one node
+                 "num_gpus": gpus_per_actor(cfg), "resources": A.resources})
     rows.append({"actor": "learner_rank", "count": L.num_ranks, "num_cpus": L.num_cpus, "num_gpus": L.num_gpus, "resources": L.resources})
     return rows
+
+
+def gpus_per_actor(cfg: RunConfig) -> float:
+    A = cfg.actors
+    return A.tensor_parallel_size if A.tensor_parallel_size > 1 else A.num_gpus
 
 
 def resource_requests(cfg: RunConfig) -> dict[str, dict[str, float]]:
     """What one node must hold for each kind of actor, by the config key that asks for it."""
     A, L = cfg.actors, cfg.learner
-    out = {"actors.num_cpus/num_gpus/resources": {"CPU": A.num_cpus, "GPU": A.num_gpus, **A.resources},
+    gpus = "tensor_parallel_size" if A.tensor_parallel_size > 1 else "num_gpus"
+    out = {f"actors.num_cpus/{gpus}/resources": {"CPU": A.num_cpus, "GPU": gpus_per_actor(cfg), **A.resources},
            "learner.num_cpus/num_gpus/resources": {"CPU": L.num_cpus, "GPU": L.num_gpus, **L.resources}}
     if L.placement_strategy == "STRICT_PACK":  # every rank on one node
         out["learner.placement_strategy"] = {r: v * L.num_ranks for r, v in out["learner.num_cpus/num_gpus/resources"].items()}
     return out
+
+
+def engine_settings(cfg: RunConfig) -> dict:
+    """What each rollout actor's vLLM engine is started with, auto values resolved (actors/config.py)."""
+    A = cfg.actors
+    return {"dtype": resolved_dtype(A), "enforce_eager": resolved_eager(A), "tensor_parallel_size": A.tensor_parallel_size,
+            "gpus_per_actor": gpus_per_actor(cfg),
+            "max_model_len": cfg.model.max_model_len, "max_tokens": A.max_tokens,
+            "gpu_memory_utilization": A.gpu_memory_utilization, "stop": A.stop, "stop_token_ids": A.stop_token_ids}
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
@@ -80,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(yaml.safe_dump({"config": cfg.model_dump(mode="json"), "placement": placement(cfg)}, sort_keys=False))
+        print(yaml.safe_dump({"config": cfg.model_dump(mode="json"), "placement": placement(cfg),
+                              "engine": engine_settings(cfg)}, sort_keys=False))
         return 0
     run_dir = Path(args.run_dir or Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume:
@@ -93,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         summary = run(cfg, run_dir, resume=bool(args.resume))
-    except ClusterError as exc:
+    except (ConfigError, ClusterError) as exc:  # what only the built model or the live cluster can tell, before any actor starts
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     print("relay: done " + json.dumps(summary))
@@ -111,6 +130,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     model_path = cfg.model.path or build_default_model(cfg.model, cfg.data.max_operand, Path(cfg.output_dir) / "_models")
+    check_model(cfg, model_path)  # the built tiny model only now; a user model again, for a config built in code
     started = init_ray(cfg)
     try:
         check_fits(resource_requests(cfg), ray.nodes())

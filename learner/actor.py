@@ -62,16 +62,17 @@ class LearnerRank:
     def save_pretrained(self, out_dir: str):
         return self.learner.save_pretrained(out_dir)
 
-    def connect_generators(self, transport: str, bucket_mb: float, timeout_s: float, generators: dict) -> None:
+    def connect_generators(self, transport: str, bucket_mb: float, timeout_s: float, generators: dict,
+                           workers_per_generator: int = 1) -> None:
         """Push transports: rank 0 builds the trainer side here (NCCL needs this process's GPU, the driver may have
-        none) and joins `generators` ({generator_id: rollout actor}) within `timeout_s`; other ranks publish
-        nothing."""
+        none) and joins `generators` ({generator_id: rollout actor}, each engine `workers_per_generator` workers:
+        its tensor-parallel size) within `timeout_s`; other ranks publish nothing."""
         if self.learner.rank != 0:
             return
         from transport.registry import make_transport
 
         self.transport = make_transport(transport, "", bucket_mb, timeout_s, ray.util.get_node_ip_address(), _free_port())
-        self.transport.connect(generators)
+        self.transport.connect(generators, workers_per_generator)
 
     def save_checkpoint(self, directory: str) -> None:
         self.learner.save_checkpoint(directory)

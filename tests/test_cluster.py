@@ -34,9 +34,9 @@ def test_an_address_nobody_answers_on_fails_fast_naming_it():
     assert time.monotonic() - t0 < 5
 
 
-def test_main_refuses_an_unreachable_cluster_before_building_anything(tmp_path, capsys):
+def test_main_refuses_an_unreachable_cluster_before_starting_anything(tmp_path, tiny_model_dir, capsys):
     rc = main(["--ray.address", f"127.0.0.1:{_closed_port()}", "--ray.connect_timeout_s", "2",
-               "--model.path", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+               "--model.path", tiny_model_dir, "--output_dir", str(tmp_path / "out")])
     assert rc == 2 and "cannot reach the Ray cluster" in capsys.readouterr().err
 
 

@@ -20,8 +20,19 @@ def test_defaults_are_valid_and_consistent():
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("**/*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_loads(path):
-    load_config(str(path))
+def test_every_shipped_config_loads(path, tmp_path, monkeypatch):
+    """Every rule but a dataset's presence: the prompt files a GPU config names (data/gsm8k_train.jsonl) are the
+    user's to fetch, so empty stand-ins take their place here. GPU configs load without Ray or GPUs."""
+    import yaml
+
+    data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+    monkeypatch.chdir(tmp_path)
+    for source in (data.get("train"), data.get("eval")):
+        if source and not source.startswith("synthetic:") and not Path(source).is_absolute():
+            (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / source).touch()
+    cfg = load_config(str(path))
+    assert cfg.actors.max_tokens < cfg.model.max_model_len
 
 
 def test_dotted_overrides_parse_yaml_scalars():

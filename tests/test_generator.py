@@ -106,3 +106,62 @@ def test_evaluation_hands_the_engine_the_prompt_ids_training_does(generator, mon
     trained, evaluated = seen
     assert evaluated == trained == [generator.encode(p) for p in prompts]
     assert generator.engine.tokenizer(prompts[0].text)["input_ids"] != trained[0], "the tokenizer's defaults add nothing here"
+
+
+@pytest.fixture(scope="module")
+def untrained_model_dir(tmp_path_factory) -> str:
+    """The tiny model without its warm start: near-uniform over its 14 tokens, so responses run long enough to
+    meet a two-token stop string, a stop token, EOS and the length limit."""
+    from launch.config import ModelConfig
+    from launch.model import build_default_model
+
+    return build_default_model(ModelConfig(warm_start_steps=0), max_operand=4, cache_dir=tmp_path_factory.mktemp("raw"))
+
+
+@pytest.mark.parametrize("mode", ["between_batches", "in_flight"])
+def test_stop_strings_and_stop_ids_end_generation_with_the_sampled_tokens(untrained_model_dir, mode):
+    """A response ends at the first stop string or stop token; the Rollout keeps exactly the tokens the engine
+    sampled, stop tokens included, with their log-probs (checked against transformers), and its text is what
+    those tokens spell (the stop string kept), so the reward and the learner see the same response. Both engines
+    (the in-flight one streams deltas, with a weight version per token)."""
+    import gc
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM
+
+    from actors.config import ActorConfig
+    from actors.generator import Generator, Prompt
+    from buffer.schema import rollouts_from_arrow
+
+    gen = Generator(ActorConfig(n=8, max_tokens=16, temperature=0.9, stop=["1+"], weight_update_mode=mode), untrained_model_dir,
+                    "stop-gen", max_model_len=64)
+    tok = gen.engine.tokenizer
+    eq, eos = tok.convert_tokens_to_ids("="), tok.eos_token_id
+    gen.cfg = gen.cfg.model_copy(update={"stop_token_ids": [eq]})  # read per request: no second engine needed
+    rows = rollouts_from_arrow(gen.generate([Prompt(f"p{i}", f"{i}+{j}=", str(i + j)) for i in range(4) for j in range(2)]).batch)
+    ends = Counter()
+    for r in rows:
+        resp = r.token_ids[r.prompt_len:]
+        assert len(r.behaviour_logprobs) == len(resp)
+        assert len(r.token_versions) == len(resp) or mode == "between_batches"  # a version per kept token
+        assert r.response_text == tok.decode(resp, skip_special_tokens=True)  # text and tokens agree
+        assert eq not in resp[:-1] and eos not in resp[:-1] and "1+" not in tok.decode(resp[:-1])  # the first stop ends it
+        if resp[-1] == eq:
+            ends["stop_token_id"] += 1
+        elif resp[-1] == eos:
+            ends["eos"] += 1
+        elif r.response_text.endswith("1+"):
+            ends["stop_string"] += 1
+        else:
+            assert len(resp) == 16 and r.finish_reason == "length"
+            ends["length"] += 1
+            continue
+        assert r.finish_reason == "stop"
+    assert ends["stop_token_id"] and ends["stop_string"] and ends["eos"], ends
+    model = AutoModelForCausalLM.from_pretrained(untrained_model_dir, dtype=torch.float32).eval()
+    worst = max(float((torch.tensor(r.behaviour_logprobs) - h).abs().max())
+                for r, h in zip(rows, _hf_logprobs(model, rows, 0.9)))
+    assert worst < 1e-4, f"behaviour log-probs of stopped responses differ from transformers by {worst}"
+    gen.close()
+    del gen
+    gc.collect()

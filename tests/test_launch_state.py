@@ -53,7 +53,7 @@ def test_work_rotates_over_every_actor_when_admission_holds_fewer_requests_than_
     not always the lowest-numbered one."""
     from launch.fleet import RolloutFleet
 
-    fleet = RolloutFleet(lambda gid: _StubActor(), max_failures=3)
+    fleet = RolloutFleet(lambda gid, placement: _StubActor(), max_failures=3)
     fleet.scale_to(3)
     for slot in fleet.slots.values():
         slot.state = "idle"

@@ -184,3 +184,14 @@ def test_a_push_transport_publishes_only_once_connected():
             t.fetch(WeightHandle(1, "relay_cpu", None, 0), timeout_s=1)
     finally:
         t.close()
+
+
+def test_a_push_transport_gives_each_tensor_parallel_worker_a_rank():
+    """`connect` carries the engines' tensor-parallel size to the client, which spaces each generator's rank block
+    by it (tests/test_weight_nccl.py), so every worker of a tp>1 engine receives the broadcast."""
+    t = CpuBucketPushTransport(bucket_mb=1, timeout_s=5)
+    try:
+        t.connect({"gen-0": _Peer(), "gen-1": _Peer()}, workers_per_generator=2)
+        assert t.client.workers_per_generator == 2
+    finally:
+        t.close()

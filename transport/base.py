@@ -80,8 +80,9 @@ class WeightTransport(ABC):
         """Hand full weights to the transport and return at once. With `defer`, a transport that copies may
         leave the copy to it (the handle then carries the ObjectRef); without it, `state` is consumed here."""
 
-    def connect(self, peers: dict[str, Any]) -> None:
-        """Push transports: join the generators ({generator_id: rollout actor or generator}) before publishing."""
+    def connect(self, peers: dict[str, Any], workers_per_generator: int = 1) -> None:
+        """Push transports: join the generators ({generator_id: rollout actor or generator}) before publishing;
+        each engine has `workers_per_generator` workers (its tensor-parallel size), each a receiver."""
 
     def close(self) -> None:
         """Free what the transport holds outside this process (files in /dev/shm, a directory of buckets)."""

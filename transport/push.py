@@ -105,9 +105,9 @@ class PushTransport(WeightTransport):
         self.timeout_s = timeout_s
         self.client: TimedClient | None = None
 
-    def connect(self, peers: dict[str, Any]) -> None:
+    def connect(self, peers: dict[str, Any], workers_per_generator: int = 1) -> None:
         """Join every generator at once, within `timeout_s`; a generator that joins later is not reached."""
-        client = TimedClient(peers, self.timeout_s)
+        client = TimedClient(peers, self.timeout_s, workers_per_generator)
         self._join(client)
         self.client = client
 
