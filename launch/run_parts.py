@@ -154,7 +154,7 @@ class RunParts:
             self._all_filtered_since = None
         elif checked and self._all_filtered_since is None:
             self._all_filtered_since = time.monotonic()
-        patience = min(60.0, self.cfg.learner.sample_timeout_s / 2)
+        patience = min(60.0, self.cfg.learner.sample_timeout_s / 4)  # warned well before the step fails
         since = self._all_filtered_since
         if since is not None and time.monotonic() - since > patience:
             self._fleet.events.append({"event": "filter_dropped_everything", "actor": "replay_buffer", "error":

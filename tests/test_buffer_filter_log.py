@@ -103,3 +103,19 @@ def test_torn_log_keeps_the_groups_before_the_tear(tmp_path):
     with pytest.warns(UserWarning, match="torn after 1 groups"):
         log = read_log(str(tmp_path / "rollouts"))
     assert log.column("group_id").to_pylist() == ["a"] * 4
+
+
+def test_ledger_accounts_filtered_groups_as_filtered_not_lost():
+    from collections import Counter
+
+    from launch.ledger import ledger
+
+    buf = ReplayBuffer(BufferConfig(filter="zero_variance", max_staleness=10), groups_per_step=2)
+    assert buf.try_admit(4, 0)
+    buf.put(fake_batch(["a", "b"]), request_id="r0")
+    buf.put(fake_batch(["flat1", "flat2"], rewards=[1.0] * 4), request_id="r1")
+    trained = Counter({gid: 1 for gid in buf.sample(2, 0, timeout=1).column("group_id").unique().to_pylist()})
+    out = ledger(4, 2, 0, 0, trained, buf.ledger(), buf.stats(), max_reuse=1)
+    # 4 dispatched = 2 trained + 2 filtered
+    assert (out["groups_filtered"], out["groups_trained"], out["groups_lost"]) == (2, 2, 0)
+    assert ledger(5, 2, 0, 0, trained, buf.ledger(), buf.stats(), max_reuse=1)["groups_lost"] == 1

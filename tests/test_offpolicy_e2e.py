@@ -120,7 +120,7 @@ def test_zero_variance_filter_keeps_batches_full_and_the_ledger_exact(tmp_path, 
                          "--learner.total_steps", str(steps), "--actors.n", "4")
     ledger, buffer = summary["ledger"], summary["buffer"]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
-    assert buffer["samples"] == steps * GROUPS  # every step trained on a full batch of groups
+    assert all(r["rows"] == GROUPS * 4 for r in rows)  # every step trained on a full batch (groups x actors.n)
     assert ledger["groups_lost"] == 0 and ledger["groups_trained_too_often"] == 0
     assert ledger["groups_filtered"] == buffer["filtered_zero_variance"] > 0  # the warm-started model: many all-right groups
     assert ledger["groups_dispatched"] > steps * GROUPS  # extra prompts replaced the filtered groups
@@ -132,3 +132,13 @@ def test_zero_variance_filter_keeps_batches_full_and_the_ledger_exact(tmp_path, 
     assert (spread > 0).all() and len(spread) == buffer["inserts"]
     rates = [r["filter_rate"] for r in rows if "filter_rate" in r]
     assert rates and 0 < rates[-1] <= 1
+
+
+def test_everything_filtered_fails_naming_the_filter_within_the_sample_timeout(tmp_path, tiny_model_dir):
+    reward = tmp_path / "flat.py"
+    reward.write_text("def flat(response, answer):\n    return 1.0\n")  # every group all-equal: all filtered
+    with pytest.raises(TimeoutError, match=r"buffer.filter=zero_variance dropped \d+ of the \d+ groups it checked"):
+        _run(tmp_path / "run", tiny_model_dir, "--buffer.filter", "zero_variance", "--learner.total_steps", "2",
+             "--actors.reward", f"{reward}:flat", "--learner.sample_timeout_s", "60")
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "filter_dropped_everything" for e in events)
