@@ -79,7 +79,7 @@ class Launcher:
             self._start_learning()
         self._start_eval()
         self._dispatch()
-        self.parts.ask_buffer_stats(self.calls)  # buffer.filter's rate, for the metrics line
+        self.parts.ask_buffer_stats(self.calls, self.state.step)  # buffer.filter's rate, for the metrics line
         if self.fleet.places(self.cfg.actors.requests_per_actor) and not self.calls.has("admit") \
                 and self._admission_may_open():
             P, asked = self.cfg.actors.prompts_per_request, (self.state.step, self.releases, time.monotonic())

@@ -42,7 +42,7 @@ class RunParts:
         self.ranks = make_learner_ranks(cfg.learner, model_path=model_path, group_size=cfg.actors.n,
                                         temperature=cfg.actors.temperature, transport=self.transport)
         self.buffer_stats: dict = {}  # the buffer's newest stats (asked every ~2 s when buffer.filter is on)
-        self._stats_asked, self._all_filtered_since = 0.0, None
+        self._stats_asked, self._all_filtered_since = (-1, 0.0), None  # (step, time) of the last ask
 
     def fleet(self, make_actor: Callable[[str], object]) -> RolloutFleet:
         self._fleet = RolloutFleet(make_actor, self.cfg.actors.max_failures)
@@ -139,11 +139,14 @@ class RunParts:
                 del saved.requests[request_id]
         return saved
 
-    def ask_buffer_stats(self, calls) -> None:
-        """buffer.filter's counts live in the buffer: ask for them every couple of seconds, without waiting."""
-        if self.cfg.buffer.filter != "none" and not calls.has("stats") and time.monotonic() - self._stats_asked > 2.0:
+    def ask_buffer_stats(self, calls, step: int) -> None:
+        """buffer.filter's counts live in the buffer: ask for them after each learner step and every couple of
+        seconds (a stalled learner makes no steps), without waiting; one call at a time."""
+        if self.cfg.buffer.filter == "none" or calls.has("stats"):
+            return
+        if step != self._stats_asked[0] or time.monotonic() - self._stats_asked[1] > 2.0:
             calls.add(self.buffer.stats.remote(), "stats", self.cfg.ray.rpc_timeout_s)
-            self._stats_asked = time.monotonic()
+            self._stats_asked = (step, time.monotonic())
 
     def on_buffer_stats(self, ref, call) -> None:
         """Newest buffer stats; warns (events.jsonl) once the filter has dropped every group for a long while."""
@@ -165,7 +168,7 @@ class RunParts:
         self.buffer_stats = new
 
     def filter_metrics(self) -> dict:
-        """The metrics line's view of buffer.filter, over the run so far (as of the newest stats, <= ~2 s old)."""
+        """The metrics line's view of buffer.filter, over the run so far (as of the newest stats: the previous step)."""
         f, s = self.cfg.buffer.filter, self.buffer_stats
         if f == "none" or not s:
             return {}

@@ -99,21 +99,6 @@ def test_export_loads_back_as_offline_data_bit_exact(semi_online, tmp_path):
     assert buf.load_offline(str(out)) == summary["buffer"]["inserts"]
 
 
-def test_export_bad_input_is_a_clear_error(tmp_path, capsys):
-    from launch.export import main
-
-    assert main([str(tmp_path / "nope"), str(tmp_path / "o.parquet")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text("buffer: {rollout_log: false}\n")
-    assert main([str(tmp_path / "run"), str(tmp_path / "o.parquet")]) == 2
-    assert "buffer.rollout_log is false" in capsys.readouterr().err
-    (tmp_path / "run" / "rollouts").mkdir()
-    assert main([str(tmp_path / "run"), str(tmp_path / "o.parquet")]) == 2
-    assert "stored no rollouts" in capsys.readouterr().err
-    assert not (tmp_path / "o.parquet").exists()
-
-
 def test_zero_variance_filter_keeps_batches_full_and_the_ledger_exact(tmp_path, tiny_model_dir):
     steps = 6
     summary, rows = _run(tmp_path / "run", tiny_model_dir, "--buffer.filter", "zero_variance",
