@@ -43,6 +43,7 @@ class RunParts:
                                         temperature=cfg.actors.temperature, transport=self.transport)
         self.buffer_stats: dict = {}  # the buffer's newest stats (asked every ~2 s when buffer.filter is on)
         self._stats_asked, self._all_filtered_since = (-1, 0.0), None  # (step, time) of the last ask
+        self._recent_filter_rate = 0.0  # buffer.filter's rate between the two newest stats (about one step)
 
     def fleet(self, make_actor: Callable[[str], object]) -> RolloutFleet:
         self._fleet = RolloutFleet(make_actor, self.cfg.actors.max_failures)
@@ -153,6 +154,8 @@ class RunParts:
         new, old, f = ray.get(ref), self.buffer_stats, self.cfg.buffer.filter
         checked = new["filter_checked"] - old.get("filter_checked", 0)
         filtered = new[f"filtered_{f}"] - old.get(f"filtered_{f}", 0)
+        if checked:
+            self._recent_filter_rate = filtered / checked
         if checked > filtered:
             self._all_filtered_since = None
         elif checked and self._all_filtered_since is None:
@@ -168,11 +171,13 @@ class RunParts:
         self.buffer_stats = new
 
     def filter_metrics(self) -> dict:
-        """The metrics line's view of buffer.filter, over the run so far (as of the newest stats: the previous step)."""
+        """buffer.filter in the metrics line: filter_rate over the run so far, filter_rate_recent over about the
+        previous step (both as of the newest stats), and the counts."""
         f, s = self.cfg.buffer.filter, self.buffer_stats
         if f == "none" or not s:
             return {}
-        return {"filter_rate": s["filter_rate"], f"filtered/{f}": s[f"filtered_{f}"], "filter_checked": s["filter_checked"]}
+        return {"filter_rate": s["filter_rate"], "filter_rate_recent": self._recent_filter_rate,
+                f"filtered/{f}": s[f"filtered_{f}"], "filter_checked": s["filter_checked"]}
 
     def filter_hint(self) -> str:
         """For the error of a learner step that got no batch: whether buffer.filter ate the groups."""
@@ -181,8 +186,8 @@ class RunParts:
             return ""
         s = ray.get(self.buffer.stats.remote(), timeout=self.cfg.ray.rpc_timeout_s)
         return (f"; buffer.filter={f} dropped {s[f'filtered_{f}']:.0f} of the {s['filter_checked']:.0f} groups it "
-                f"checked ({s['filter_rate']:.0%}): a task the policy always or never solves leaves nothing to train on;"
-                " set buffer.filter none, or train on harder/easier prompts")
+                f"checked ({s['filter_rate']:.0%}): prompts the policy always or never solves leave nothing to "
+                "train on; set buffer.filter none, or train on harder/easier prompts")
 
     def summary(self, state: RunState, history: list[dict], wall_s: float, start_step: int, stopped: bool) -> dict:
         """summary.json: the run's outcome, the final weights, and the ledger of every group dispatched."""

@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -65,7 +66,7 @@ def test_export_holds_every_stored_group_and_loads_back_bit_exact(tmp_path, toke
     back = read_offline(str(out))
     want = rollouts_to_arrow(rows)
     for name in ("token_ids", "behaviour_logprobs", "token_versions"):
-        a, b = (pa.compute.list_flatten(t.column(name)).to_numpy() for t in (want, back))
+        a, b = (pc.list_flatten(t.column(name)).to_numpy() for t in (want, back))
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
     for name in ("reward", "prompt_len", "policy_version", "data_source", "group_id", "rollout_id", "generator_id"):
         assert back.column(name).to_pylist() == want.column(name).to_pylist(), name
