@@ -116,8 +116,8 @@ def test_zero_variance_filter_keeps_batches_full_and_the_ledger_exact(tmp_path, 
     log = read_log(str(tmp_path / "run" / "rollouts")).to_pandas()
     spread = log.groupby("group_id")["reward"].agg(lambda r: np.ptp(r.to_numpy()))
     assert (spread > 0).all() and len(spread) == buffer["inserts"]
-    rates = [r["filter_rate"] for r in rows if "filter_rate" in r]
-    assert rates and 0 < rates[-1] <= 1
+    rates = [(r["filter_rate"], r["filter_rate_recent"]) for r in rows if "filter_rate" in r]
+    assert rates and 0 < rates[-1][0] <= 1 and all(0 <= recent <= 1 for _, recent in rates)
 
 
 def test_everything_filtered_fails_naming_the_filter_within_the_sample_timeout(tmp_path, tiny_model_dir):
