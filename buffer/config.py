@@ -38,6 +38,13 @@ class BufferConfig(pydantic.BaseModel, extra="forbid"):
     """How far (in groups served) the limiter lets samples run ahead of or behind the ratio."""
     rate_window_s: float = Field(30.0, gt=0.0)
     """Window over which inserts_per_s and samples_per_s are measured."""
+    filter: Literal["none", "zero_variance"] = "none"
+    """Dynamic sampling (DAPO): zero_variance drops, at put time, every online group whose rewards are all equal
+    (a group-relative advantage is 0 for each of its members: nothing to learn). Counted as filtered_<reason>,
+    its admission slot is given back, so the launcher dispatches another prompt and learner batches stay full."""
+    rollout_log: bool = True
+    """Append every group the buffer stores to run_dir/rollouts/ (Arrow IPC), so `python -m launch.export` can
+    write the whole run, not only what a checkpoint still holds. Costs about the run's rollout bytes on disk."""
     seed: int = 0
     """Seeds the uniform and prioritized samplers (defaults to the run's seed)."""
 

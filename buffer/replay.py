@@ -19,8 +19,10 @@ from buffer import persist, sampler
 from buffer.config import BufferConfig
 from buffer.groups import GroupAssembler, GroupEntry, advantage_score, as_rollout_batch, split_groups
 from buffer.limits import Admission, RateLimiter, RateMeter
+from buffer.rollout_log import RolloutLog
 
 DROP_REASONS = ("stale_at_put", "stale_at_sample", "evicted_unsampled")
+FILTER_REASONS = ("zero_variance",)  # buffer.filter values that drop groups (counted as filtered_<reason>)
 
 
 class ReplayBuffer:
@@ -40,6 +42,8 @@ class ReplayBuffer:
         self.run_dir = run_dir
         self._cond = threading.Condition()
         self._rng = np.random.default_rng(cfg.seed)
+        # every stored group, for launch.export; outside _reset_state: a load does not forget the log
+        self._log = RolloutLog(os.path.join(run_dir, "rollouts")) if run_dir is not None and cfg.rollout_log else None
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -57,6 +61,8 @@ class ReplayBuffer:
         self._drops: collections.Counter[str] = collections.Counter({r: 0 for r in DROP_REASONS})
         self._staleness_hist: collections.Counter[int] = collections.Counter()
         self._counts: collections.Counter[str] = collections.Counter()  # evicted_sampled, served_offline, ...
+        self._filtered: collections.Counter[str] = collections.Counter({r: 0 for r in FILTER_REASONS})
+        self._filter_checked = 0  # online groups the filter looked at (its rate's denominator)
         self._blocked = {"insert": 0.0, "sample": 0.0, "admit": 0.0}
         self._insert_rate = RateMeter(cfg.rate_window_s)
         self._sample_rate = RateMeter(cfg.rate_window_s)
@@ -85,7 +91,8 @@ class ReplayBuffer:
         The request's outcome (groups stored, groups the generator skipped by reason) is kept for the
         run's ledger; `batch` may be None when every group of the request was skipped.
         Blocks while the samples-per-insert limiter says inserts are too far ahead; raises
-        TimeoutError after timeout seconds of that.
+        TimeoutError after timeout seconds of that. Groups `buffer.filter` drops are recorded as the
+        request's `filtered` (they give their admission slot back, like groups dropped stale).
         """
         parts = split_groups(as_rollout_batch(batch)) if batch is not None else []  # outside the lock
         with self._cond:
@@ -97,9 +104,11 @@ class ReplayBuffer:
                     f"ReplayBuffer.put (insert side) blocked {timeout}s by the samples_per_insert limiter "
                     f"(inserts={self._limiter.inserts}, samples={self._limiter.samples}): is the learner sampling?"
                 )
+            filtered_before = sum(self._filtered.values())
             stored = self._add_parts(parts, offline=False)
             if request_id is not None:
-                self._requests[request_id] = {"stored": stored, "skipped": dict(skipped or {})}
+                filtered = sum(self._filtered.values()) - filtered_before
+                self._requests[request_id] = {"stored": stored, "skipped": dict(skipped or {}), "filtered": filtered}
             self._cond.notify_all()
         return stored
 
@@ -144,12 +153,30 @@ class ReplayBuffer:
         if not offline and self._learner_version - version > self.cfg.max_staleness:
             self._drop_unserved(reason="stale_at_put", offline=offline)
             return 0
+        if not offline and self._filters_out(group):
+            return 0
         entry = GroupEntry(group_id, group, version, self._next_seq, offline, advantage_score(group))
         self._next_seq += 1
         self._add_entry(entry)
+        if self._log is not None:
+            self._log.append(group)
         self._limiter.inserts += 1
         self._insert_rate.add(1)
         return 1
+
+    def _filters_out(self, group: pa.RecordBatch) -> bool:
+        """buffer.filter (DAPO's dynamic sampling) on one complete online group; counts and releases what it drops.
+
+        Offline groups are never filtered: they were chosen as data, and hold no admission slot to give back."""
+        if self.cfg.filter == "none":
+            return False
+        self._filter_checked += 1
+        rewards = group.column("reward").to_pylist()
+        if any(r != rewards[0] for r in rewards):  # NaN != NaN: a group with a NaN reward is never "all equal"
+            return False
+        self._filtered[self.cfg.filter] += 1
+        self._admission.release(1)  # the learner still needs a group in its place: another prompt is admitted
+        return True
 
     def _add_entry(self, entry: GroupEntry) -> None:
         self._groups[entry.group_id] = entry
@@ -265,6 +292,9 @@ class ReplayBuffer:
                 "admission_capacity": float(min(self._admission.capacity(self._learner_version), 1 << 53)),
             }
             out.update({f"drops_{reason}": n for reason, n in self._drops.items()})
+            out.update({f"filtered_{reason}": n for reason, n in self._filtered.items()})
+            out["filter_checked"] = self._filter_checked
+            out["filter_rate"] = sum(self._filtered.values()) / self._filter_checked if self._filter_checked else 0.0
             out.update({name: n for name, n in self._counts.items()})
             out.update({f"blocked_s_{side}": s for side, s in self._blocked.items()})
             served = sum(self._staleness_hist.values())
@@ -284,11 +314,12 @@ class ReplayBuffer:
     def save(self, path: str | None = None) -> None:
         """Write held groups, parts of groups and counters under path (default run_dir/buffer), atomically."""
         with self._cond:
+            log_segments = self._log.seal() if self._log is not None else None  # a resume rolls back the rest
             snap = persist.Snapshot(
                 groups=[e.batch for e in self._groups.values()],
                 meta=[persist.entry_meta(e) for e in self._groups.values()],
                 pending=self._assembler.batches(),
-                counters=self._counters(),
+                counters={**self._counters(), "rollout_log": log_segments},
             )
         persist.write_snapshot(self._default_path(path), snap)
 
@@ -302,6 +333,10 @@ class ReplayBuffer:
             for part in snap.pending:
                 self._assembler.add(part.column("group_id")[0].as_py(), part)
             self._restore_counters(snap.counters)
+            if self._log is not None and snap.counters.get("rollout_log") is not None:
+                # groups logged after this checkpoint belong to requests the restored buffer has not recorded:
+                # they are generated again, so their first copies leave the log
+                self._log.roll_back_to(snap.counters["rollout_log"])
             self._cond.notify_all()
 
     def _counters(self) -> dict:
@@ -313,6 +348,8 @@ class ReplayBuffer:
             "samples": self._limiter.samples,
             "next_seq": self._next_seq,
             "drops": dict(self._drops),
+            "filtered": dict(self._filtered),
+            "filter_checked": self._filter_checked,
             "counts": dict(self._counts),
             "staleness_hist": {str(k): n for k, n in self._staleness_hist.items()},
             "requests": {k: dict(v) for k, v in self._requests.items()},
@@ -326,6 +363,8 @@ class ReplayBuffer:
         self._limiter.inserts, self._limiter.samples = int(c["inserts"]), int(c["samples"])
         self._next_seq = int(c["next_seq"])
         self._drops.update(c["drops"])
+        self._filtered.update(c.get("filtered", {}))
+        self._filter_checked = int(c.get("filter_checked", 0))
         self._counts.update(c["counts"])
         self._staleness_hist.update({int(k): n for k, n in c["staleness_hist"].items()})
         self._requests = {k: dict(v) for k, v in c.get("requests", {}).items()}

@@ -16,7 +16,7 @@ import ray
 
 @dataclass
 class Call:
-    kind: str  # admit | generate | ack | recorded | learn | ready | evaluate | offer
+    kind: str  # admit | generate | ack | recorded | learn | ready | evaluate | offer | stats
     deadline: float  # time.monotonic() after which the call is overdue
     data: Any = None  # what the handler needs: the request, the fleet slot, ...
     since: float = 0.0

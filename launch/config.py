@@ -258,6 +258,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'learner.micro_batch_groups': {L.micro_batch_groups} does not divide the {per_rank} groups each rank trains per step")
     if B.staleness_policy == "admission" and L.publish_every - 1 > B.max_staleness:
         raise ConfigError(f"config key 'buffer.max_staleness': {B.max_staleness} < learner.publish_every - 1 = {L.publish_every - 1}: no rollout could ever be fresh enough")
+    if B.filter == "zero_variance" and A.n < 2:
+        raise ConfigError(f"config key 'buffer.filter': zero_variance drops groups whose rewards are all equal, and "
+                          f"with actors.n={A.n} every group is: set actors.n >= 2 or buffer.filter none")
     window = (B.max_staleness + 1) * L.groups_per_step
     if A.prompts_per_request > window:
         raise ConfigError(f"config key 'actors.prompts_per_request': {A.prompts_per_request} exceeds the {window} groups the staleness bound admits at once")

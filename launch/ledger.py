@@ -8,11 +8,13 @@ def ledger(groups_dispatched: int, requests_dispatched: int, reissued: int, unfi
            buffer_ledger: dict, buffer_stats: dict, max_reuse: int) -> dict:
     """Where every prompt group went. `groups_lost` and `groups_trained_too_often` must be 0.
 
-    Dispatched groups are skipped by a generator, dropped by the buffer (stale, evicted unsampled), trained on,
-    still held by the buffer, or unfinished (in flight when the run ended); anything else was lost."""
+    Dispatched groups are skipped by a generator, dropped by the buffer (stale, evicted unsampled), filtered by
+    `buffer.filter` (e.g. all rewards equal), trained on, still held by the buffer, or unfinished (in flight when
+    the run ended); anything else was lost."""
     requests = buffer_ledger["requests"]
     stored = sum(r["stored"] for r in requests.values())
     skipped = sum(sum(r["skipped"].values()) for r in requests.values())
+    filtered = sum(r.get("filtered", 0) for r in requests.values())
     dropped = sum(buffer_stats.get(f"drops_{k}", 0) for k in ("stale_at_put", "stale_at_sample", "evicted_unsampled"))
     served_or_held = set(trained) | set(buffer_ledger["held_group_ids"])
     return {
@@ -20,10 +22,11 @@ def ledger(groups_dispatched: int, requests_dispatched: int, reissued: int, unfi
         "requests_recorded": len(requests), "requests_reissued": reissued,
         "duplicate_puts_refused": int(buffer_stats.get("duplicate_puts", 0)),
         "groups_stored": stored, "groups_skipped": skipped, "groups_dropped": int(dropped),
+        "groups_filtered": filtered,
         "groups_unfinished": unfinished, "groups_trained": len(trained),
         "groups_held_at_end": len(buffer_ledger["held_group_ids"]),
         "groups_trained_too_often": sum(1 for c in trained.values() if c > max_reuse),
-        "groups_lost": int(groups_dispatched - unfinished - skipped - dropped - len(served_or_held)),
+        "groups_lost": int(groups_dispatched - unfinished - skipped - dropped - filtered - len(served_or_held)),
     }
 
 

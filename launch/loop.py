@@ -5,13 +5,11 @@ put, learner steps, evaluation and actor start-up are calls with deadlines behin
 on the hot path blocks on one actor. The learner steps whenever it is idle (its batch is an ObjectRef of the
 buffer's sample, resolved in the learner, never here); idle rollout actors get admitted requests with the
 newest weight handle and apply it at their next request, so the learner never waits for them. An actor sends
-its groups to the buffer itself and returns without waiting for the put, so it samples its next request
-while the buffer stores the last; the launcher waits for the acknowledgement instead.
+its groups to the buffer itself and returns without waiting for the put (the launcher waits for the ack).
 
 Runs stay alive and honest: a rollout actor that dies or overruns `ray.rpc_timeout_s` is replaced and its
 request re-issued under the same id unless the buffer recorded it (the buffer refuses a second copy); the
-fleet follows control.json; checkpoints hold the whole `RunState`, so `--resume` continues exactly; and a
-ledger accounts for every prompt group dispatched.
+fleet follows control.json; `--resume` continues exactly from a checkpoint; a ledger accounts for every group.
 """
 from __future__ import annotations
 
@@ -51,7 +49,8 @@ class Launcher:
         self.releases, self.last_load_s, self.throughput, self.stop_requested = 0, 0.0, Throughput(), False
         self.handlers = {"ready": lambda ref, call: self.fleet.on_ready_of(*call.data), "admit": self._on_admit,
                          "generate": self._on_generate, "ack": self._on_ack, "recorded": self._on_recorded,
-                         "learn": self._on_learn, "evaluate": self._on_evaluate, "offer": self._on_offer}
+                         "learn": self._on_learn, "evaluate": self._on_evaluate, "offer": self._on_offer,
+                         "stats": self.parts.on_buffer_stats}
         if resume:
             self._restore(checkpoint.latest(run_dir))
         self.fleet = self.parts.fleet(self._new_actor)
@@ -80,6 +79,7 @@ class Launcher:
             self._start_learning()
         self._start_eval()
         self._dispatch()
+        self.parts.ask_buffer_stats(self.calls, self.state.step)  # buffer.filter's rate, for the metrics line
         if self.fleet.places(self.cfg.actors.requests_per_actor) and not self.calls.has("admit") \
                 and self._admission_may_open():
             P, asked = self.cfg.actors.prompts_per_request, (self.state.step, self.releases, time.monotonic())
@@ -143,6 +143,7 @@ class Launcher:
         except ray.exceptions.RayError:  # the actor that made the put died and took its answer with it
             return self._ask_recorded(req, result)
         self._close(req, result if stored >= 0 else None)  # < 0: a copy of this request was already stored
+        self.releases += 0 <= stored < result.groups  # the buffer gave slots back (stale, filtered): admit again now
 
     def _ask_recorded(self, req: Request, result: GenerationResult | None) -> None:
         self.calls.add(self.buffer.has_request.remote(req.id), "recorded", self.cfg.ray.rpc_timeout_s, (req, result))
@@ -185,14 +186,15 @@ class Launcher:
             raise learner_died(self.cfg, self.run_dir, f"step {self.state.step + 1}") from exc
         if (res := results[0]) is None:
             raise TimeoutError(f"learner step {self.state.step + 1}: the buffer served no batch within "
-                               f"{self.cfg.learner.sample_timeout_s}s (generators stalled or all prompts skipped)")
+                               f"{self.cfg.learner.sample_timeout_s}s (generators stalled or all prompts skipped"
+                               f"{self.parts.filter_hint()})")
         self.learning, self.state.step = [], res["step"]
         self.state.trained.update(res["group_ids"])
         if res["handle"] is not None:
             self.handle = res["handle"]
             self._offer_weights()
-        record = step_record(self.state, self.policy_version, res["metrics"], self.throughput.take(),
-                             self.last_load_s, self.fleet)
+        record = step_record(self.state, self.policy_version, {**res["metrics"], **self.parts.filter_metrics()},
+                             self.throughput.take(), self.last_load_s, self.fleet)
         self.log.log(record)
         k = self.cfg.learner.checkpoint_every
         if k and self.state.step % k == 0 and self.state.step < self.cfg.learner.total_steps:

@@ -89,10 +89,15 @@ def warm_start(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, cfg: 
     return loss.item()
 
 
+def default_model_dir(cfg: ModelConfig, max_operand: int, cache_dir: str | os.PathLike) -> Path:
+    """Where build_default_model keeps (or will keep) the tiny model for `cfg`: its key is the whole recipe."""
+    key = hashlib.sha256((cfg.model_dump_json(exclude={"path"}) + f"/{max_operand}/{BUILD_VERSION}").encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"tiny-qwen2-{key}"
+
+
 def build_default_model(cfg: ModelConfig, max_operand: int, cache_dir: str | os.PathLike) -> str:
     """Build (or reuse) the tiny model directory for `cfg`; returns its path (HF format, safetensors)."""
-    key = hashlib.sha256((cfg.model_dump_json(exclude={"path"}) + f"/{max_operand}/{BUILD_VERSION}").encode()).hexdigest()[:12]
-    out = Path(cache_dir) / f"tiny-qwen2-{key}"
+    out = default_model_dir(cfg, max_operand, cache_dir)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return str(out)
     tokenizer = train_tokenizer(arithmetic_corpus(max_operand), vocab_size=cfg.vocab_size)

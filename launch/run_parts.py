@@ -3,6 +3,7 @@ learner ranks, and what the rollout fleet needs to start. The event loop (launch
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -41,6 +42,9 @@ class RunParts:
         self.buffer = make_buffer_actor(cfg.buffer, cfg.learner.groups_per_step, str(run_dir))
         self.ranks = make_learner_ranks(cfg.learner, model_path=model_path, group_size=cfg.actors.n,
                                         temperature=cfg.actors.temperature, transport=self.transport)
+        self.buffer_stats: dict = {}  # the buffer's newest stats (asked every ~2 s when buffer.filter is on)
+        self._stats_asked, self._all_filtered_since = (-1, 0.0), None  # (step, time) of the last ask
+        self._recent_filter_rate = 0.0  # buffer.filter's rate between the two newest stats (about one step)
 
     def fleet(self, make_actor: Callable[[str], object]) -> RolloutFleet:
         A = self.cfg.actors
@@ -138,6 +142,55 @@ class RunParts:
             if done:
                 del saved.requests[request_id]
         return saved
+
+    def ask_buffer_stats(self, calls, step: int) -> None:
+        """buffer.filter's counts live in the buffer: ask for them after each learner step and every couple of
+        seconds (a stalled learner makes no steps), without waiting; one call at a time."""
+        if self.cfg.buffer.filter == "none" or calls.has("stats"):
+            return
+        if step != self._stats_asked[0] or time.monotonic() - self._stats_asked[1] > 2.0:
+            calls.add(self.buffer.stats.remote(), "stats", self.cfg.ray.rpc_timeout_s)
+            self._stats_asked = (step, time.monotonic())
+
+    def on_buffer_stats(self, ref, call) -> None:
+        """Newest buffer stats; warns (events.jsonl) once the filter has dropped every group for a long while."""
+        new, old, f = ray.get(ref), self.buffer_stats, self.cfg.buffer.filter
+        checked = new["filter_checked"] - old.get("filter_checked", 0)
+        filtered = new[f"filtered_{f}"] - old.get(f"filtered_{f}", 0)
+        if checked:
+            self._recent_filter_rate = filtered / checked
+        if checked > filtered:
+            self._all_filtered_since = None
+        elif checked and self._all_filtered_since is None:
+            self._all_filtered_since = time.monotonic()
+        patience = min(60.0, self.cfg.learner.sample_timeout_s / 4)  # warned well before the step fails
+        since = self._all_filtered_since
+        if since is not None and time.monotonic() - since > patience:
+            self._fleet.events.append({"event": "filter_dropped_everything", "actor": "replay_buffer", "error":
+                                       f"buffer.filter={f} dropped every group for {time.monotonic() - since:.0f}s "
+                                       f"({new[f'filtered_{f}']:.0f} of {new['filter_checked']:.0f} over the run); "
+                                       "learner.sample_timeout_s bounds the learner's wait"})
+            self._all_filtered_since = time.monotonic()  # the next warning after another `patience`
+        self.buffer_stats = new
+
+    def filter_metrics(self) -> dict:
+        """buffer.filter in the metrics line: filter_rate over the run so far, filter_rate_recent over about the
+        previous step (both as of the newest stats), and the counts."""
+        f, s = self.cfg.buffer.filter, self.buffer_stats
+        if f == "none" or not s:
+            return {}
+        return {"filter_rate": s["filter_rate"], "filter_rate_recent": self._recent_filter_rate,
+                f"filtered/{f}": s[f"filtered_{f}"], "filter_checked": s["filter_checked"]}
+
+    def filter_hint(self) -> str:
+        """For the error of a learner step that got no batch: whether buffer.filter ate the groups."""
+        f = self.cfg.buffer.filter
+        if f == "none":
+            return ""
+        s = ray.get(self.buffer.stats.remote(), timeout=self.cfg.ray.rpc_timeout_s)
+        return (f"; buffer.filter={f} dropped {s[f'filtered_{f}']:.0f} of the {s['filter_checked']:.0f} groups it "
+                f"checked ({s['filter_rate']:.0%}): prompts the policy always or never solves leave nothing to "
+                "train on; set buffer.filter none, or train on harder/easier prompts")
 
     def summary(self, state: RunState, history: list[dict], wall_s: float, start_step: int, stopped: bool) -> dict:
         """summary.json: the run's outcome, the final weights, and the ledger of every group dispatched."""

@@ -86,7 +86,8 @@ def init_ray(cfg: RunConfig) -> bool:
     if address:
         join(address, cfg.ray.connect_timeout_s)
         return False
-    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
+    # address="local": a new local Ray, never a stray `ray start` cluster on this host (joining one is ray.address)
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
              runtime_env=env, log_to_driver=True, configure_logging=True, logging_level="WARNING")
     return True
 

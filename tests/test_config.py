@@ -55,6 +55,8 @@ def test_dotted_overrides_parse_yaml_scalars():
         (["--learner.publish_every", "4", "--buffer.max_staleness", "1"], "'buffer.max_staleness'"),
         (["--actors.prompts_per_request", "64", "--buffer.max_staleness", "0"], "'actors.prompts_per_request'"),
         (["--learner.objective.name", "no_such_loss"], "'learner.objective.name'"),
+        (["--buffer.filter", "zero_variance", "--actors.n", "1"], "'buffer.filter': zero_variance"),
+        (["--buffer.filter", "dynamic"], "'buffer.filter'"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

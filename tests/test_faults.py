@@ -249,6 +249,9 @@ def test_learner_killed_from_outside_then_resumed(launcher_factory, tmp_path):
     assert [r["policy_version"] for r in rows][k:] == list(range(k + 1, 12)) + [11]  # the clock continued from k
     _assert_nothing_lost(summary["ledger"])
     assert [e["event"] for e in _events(run_dir)].count("resumed") == 1
+    from buffer.rollout_log import read_log  # what launch.export writes: each stored group once across the crash
+
+    assert len(set(read_log(str(run_dir / "rollouts")).column("group_id").to_pylist())) == summary["buffer"]["inserts"]
 
 
 def test_bad_data_is_counted_and_the_run_goes_on(launcher_factory, tmp_path):
