@@ -27,8 +27,9 @@ class ActorConfig(BaseModel):
     """Top-k truncation (0 = off)."""
     max_tokens: int = Field(8, ge=1)
     """Longest response, in tokens."""
-    reward: str = "arithmetic"
-    """Builtin reward (arithmetic, math_verify) or path/to/file.py:function."""
+    reward: str | dict[str, str] = "arithmetic"
+    """Builtin reward (arithmetic, math_verify) or path/to/file.py:function; or a mapping data_source -> such a
+    spec, with `default` for sources not named (see actors/rewards.py for the arguments a function receives)."""
     kv_cache_gib: int = Field(1, ge=1)
     """vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)

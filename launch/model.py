@@ -14,29 +14,47 @@ import json
 import os
 import random
 import shutil
+import string
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
+from actors.prompts import Prompt, PromptFormat, render_all
 from launch.config import ModelConfig
 from launch.data import arithmetic_corpus, arithmetic_examples
 
-EOS, PAD = "<|eos|>", "<|pad|>"
-BUILD_VERSION = 2  # bump when the recipe changes, so cached builds are not reused
+PAD, IM_START, IM_END, UNK = "<|pad|>", "<|im_start|>", "<|im_end|>", "<|unk|>"
+EOS = IM_END  # as in Qwen's chat models: an assistant turn ends the reply
+ROLES = ["system", "user", "assistant"]  # one token each, as in Qwen's vocabulary (they then match inside words too)
+# Qwen2.5's template without its default system prompt: what real chat models render, in a few tokens
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+BUILD_VERSION = 3  # bump when the recipe changes, so cached builds are not reused
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A BPE whose digits and symbols stay single tokens, so an answer tokenises the same in every context."""
-    tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()]
-    )
-    tok.decoder = decoders.BPEDecoder()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS, "<|unk|>"], show_progress=False)
+    """A BPE whose digits and symbols stay single tokens, so an answer tokenises the same in every context; every
+    printable ASCII character and the newline are in its alphabet, so any English prompt (a chat test's, a
+    template's) tokenises without <|unk|>; spaces survive a decode (Metaspace). It carries a chat template."""
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(prepend_scheme="never"),
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.Metaspace(prepend_scheme="never")
+    alphabet = list(string.ascii_letters + string.digits + string.punctuation + "\n\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, IM_START, IM_END, UNK],
+                                  initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token="<|unk|>")
+    tok.add_tokens(ROLES)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    out.chat_template = CHAT_TEMPLATE
+    return out
 
 
 def tiny_qwen2(tokenizer: PreTrainedTokenizerFast, cfg: ModelConfig) -> torch.nn.Module:
@@ -58,11 +76,14 @@ def tiny_qwen2(tokenizer: PreTrainedTokenizerFast, cfg: ModelConfig) -> torch.nn
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def warm_start(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, cfg: ModelConfig, max_operand: int) -> float:
+def warm_start(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, cfg: ModelConfig, max_operand: int,
+               fmt: PromptFormat = PromptFormat()) -> float:
     """Supervised steps on `prompt + answer<eos>`; the answer is right with prob `warm_start_correct_fraction`.
 
-    With a fraction below 1 the model learns the format and a noisy prior over
-    answers, leaving the arithmetic itself for RL to learn. Returns the last loss.
+    The prompt is rendered by the function the run renders with (actors/prompts.py, format `fmt`: the chat
+    template under `auto`), so RL starts on the rendering it was warm-started on. With a fraction below 1 the
+    model learns the format and a noisy prior over answers, leaving the arithmetic itself for RL to learn.
+    Returns the last loss.
     """
     rng = random.Random(cfg.seed)
     examples = arithmetic_examples(max_operand, n=cfg.warm_start_steps * 32, seed=cfg.seed + 1)
@@ -70,18 +91,20 @@ def warm_start(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, cfg: 
     model.train()
     loss = torch.tensor(0.0)
     for step in range(cfg.warm_start_steps):
-        texts, prompt_lens = [], []
-        for prompt, answer in examples[step * 32 : (step + 1) * 32]:
-            if rng.random() >= cfg.warm_start_correct_fraction:
-                answer = str(rng.randint(0, 2 * max_operand))
-            texts.append(prompt + answer + EOS)
-            prompt_lens.append(len(tokenizer(prompt)["input_ids"]))
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-        labels = enc["input_ids"].clone()  # (B, L)
-        labels[enc["attention_mask"] == 0] = -100
-        for i, n in enumerate(prompt_lens):
-            labels[i, :n] = -100  # the prompt is given, not learned
-        loss = model(**enc, labels=labels).loss
+        chunk = examples[step * 32 : (step + 1) * 32]
+        prompt_ids = render_all(tokenizer, [Prompt(id="", text=p, answer="") for p, _ in chunk], fmt)
+        answers = [a if rng.random() < cfg.warm_start_correct_fraction else str(rng.randint(0, 2 * max_operand))
+                   for _, a in chunk]
+        answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+        seqs = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompt_ids, answer_ids)]
+        width = max(map(len, seqs))
+        input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id)  # (B, L)
+        labels = torch.full((len(seqs), width), -100)  # (B, L); the prompt is given, not learned
+        for i, (seq, p) in enumerate(zip(seqs, prompt_ids)):
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, len(p) : len(seq)] = torch.tensor(seq[len(p) :])
+        mask = torch.arange(width)[None, :] < torch.tensor([len(q) for q in seqs])[:, None]  # (B, L)
+        loss = model(input_ids=input_ids, attention_mask=mask.long(), labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -89,15 +112,18 @@ def warm_start(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, cfg: 
     return loss.item()
 
 
-def build_default_model(cfg: ModelConfig, max_operand: int, cache_dir: str | os.PathLike) -> str:
-    """Build (or reuse) the tiny model directory for `cfg`; returns its path (HF format, safetensors)."""
-    key = hashlib.sha256((cfg.model_dump_json(exclude={"path"}) + f"/{max_operand}/{BUILD_VERSION}").encode()).hexdigest()[:12]
+def build_default_model(cfg: ModelConfig, max_operand: int, cache_dir: str | os.PathLike,
+                        fmt: PromptFormat = PromptFormat()) -> str:
+    """Build (or reuse) the tiny model directory for `cfg`, warm-started on prompts rendered as `fmt` renders
+    them; returns its path (HF format, safetensors)."""
+    recipe = f"{cfg.model_dump_json(exclude={'path'})}/{max_operand}/{fmt}/{BUILD_VERSION}"
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
     out = Path(cache_dir) / f"tiny-qwen2-{key}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return str(out)
     tokenizer = train_tokenizer(arithmetic_corpus(max_operand), vocab_size=cfg.vocab_size)
     model = tiny_qwen2(tokenizer, cfg)
-    loss = warm_start(model, tokenizer, cfg, max_operand) if cfg.warm_start_steps else float("nan")
+    loss = warm_start(model, tokenizer, cfg, max_operand, fmt) if cfg.warm_start_steps else float("nan")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

@@ -79,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as exc:
             print(f"relay: {exc}", file=sys.stderr)
             return 2
-    summary = run(cfg, run_dir, resume=bool(args.resume))
+    from launch.data import DataError
+
+    try:
+        summary = run(cfg, run_dir, resume=bool(args.resume))
+    except DataError as exc:  # raised before any actor started: a message, not a traceback
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
     print("relay: done " + json.dumps(summary))
     return 0
 
@@ -87,17 +93,24 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     import ray
 
+    from actors.rewards import Rewards
     from common.seeding import seed_everything
+    from launch.data import prepare_prompts, prompt_format
     from launch.loop import Launcher
     from launch.model import build_default_model
 
     seed_everything(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    model_path = cfg.model.path or build_default_model(cfg.model, cfg.data.max_operand, Path(cfg.output_dir) / "_models")
+    model_path = cfg.model.path or build_default_model(cfg.model, cfg.data.max_operand, Path(cfg.output_dir) / "_models",
+                                                       prompt_format(cfg.data))
+    data = prepare_prompts(cfg, model_path, Rewards(cfg.actors.reward))  # bad data fails here, before Ray starts
+    print(f"relay: data.train {cfg.data.train}: {len(data.train.prompts)} prompts"
+          + (f", skipped {data.train.skipped}" if data.train.skipped else "")
+          + (f"; data.eval {cfg.data.eval}: {len(data.eval)} prompts" if cfg.data.eval else ""), file=sys.stderr)
     started = init_ray(cfg)
     try:
-        summary = Launcher(cfg, run_dir, model_path, resume=resume).run()
+        summary = Launcher(cfg, run_dir, model_path, resume=resume, data=data).run()
     finally:
         if started:
             ray.shutdown()
