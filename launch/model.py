@@ -14,18 +14,17 @@ import json
 import os
 import random
 import shutil
-import string
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2Tokenizer
 
 from actors.prompts import Prompt, PromptFormat, render_all
 from launch.config import ModelConfig
 from launch.data import arithmetic_corpus, arithmetic_examples
 
-PAD, IM_START, IM_END, UNK = "<|pad|>", "<|im_start|>", "<|im_end|>", "<|unk|>"
+PAD, IM_START, IM_END = "<|pad|>", "<|im_start|>", "<|im_end|>"
 EOS = IM_END  # as in Qwen's chat models: an assistant turn ends the reply
 ROLES = ["system", "user", "assistant"]  # one token each, as in Qwen's vocabulary (they then match inside words too)
 # Qwen2.5's template without its default system prompt: what real chat models render, in a few tokens
@@ -38,26 +37,29 @@ CHAT_TEMPLATE = (
 BUILD_VERSION = 3  # bump when the recipe changes, so cached builds are not reused
 
 
-def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A BPE whose digits and symbols stay single tokens, so an answer tokenises the same in every context; every
-    printable ASCII character and the newline are in its alphabet, so any English prompt (a chat test's, a
-    template's) tokenises without <|unk|>; spaces survive a decode (Metaspace). It carries a chat template."""
-    tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(prepend_scheme="never"),
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.Metaspace(prepend_scheme="never")
-    alphabet = list(string.ascii_letters + string.digits + string.punctuation + "\n\u2581")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, IM_START, IM_END, UNK],
-                                  initial_alphabet=alphabet, show_progress=False)
+def train_tokenizer(corpus: list[str], vocab_size: int) -> Qwen2Tokenizer:
+    """A byte-level BPE trained on `corpus`, as a Qwen2Tokenizer, with a chat template.
+
+    transformers loads a qwen2 model's tokenizer as Qwen2Tokenizer whatever class it was saved as, rebuilding its
+    pre-tokenizer (GPT-2 style regex: single digits, runs of symbols; then byte-level), so the tokenizer is trained
+    under that same pipeline: the warm start, the launcher and vLLM then all tokenise alike. Its byte alphabet
+    tokenises any text (a chat test's prompt, the template's newlines) and decodes it back exactly."""
+    qwen = Qwen2Tokenizer()._tokenizer  # the pipeline Qwen2Tokenizer builds: train the vocabulary under it
+    tok = Tokenizer(models.BPE())
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = qwen.normalizer, qwen.pre_tokenizer, qwen.decoder
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer=trainer)
-    tok.add_tokens(ROLES)
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    model = json.loads(tok.to_str())["model"]
+    out = Qwen2Tokenizer(vocab=model["vocab"], merges=[" ".join(m) if isinstance(m, list) else m for m in model["merges"]],
+                         unk_token=None, eos_token=EOS, pad_token=PAD)
+    out.add_tokens([AddedToken(IM_START, special=True), AddedToken(IM_END, special=True)])
+    out.add_tokens(ROLES)
     out.chat_template = CHAT_TEMPLATE
     return out
 
 
-def tiny_qwen2(tokenizer: PreTrainedTokenizerFast, cfg: ModelConfig) -> torch.nn.Module:
+def tiny_qwen2(tokenizer: Qwen2Tokenizer, cfg: ModelConfig) -> torch.nn.Module:
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -76,7 +78,7 @@ def tiny_qwen2(tokenizer: PreTrainedTokenizerFast, cfg: ModelConfig) -> torch.nn
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def warm_start(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, cfg: ModelConfig, max_operand: int,
+def warm_start(model: torch.nn.Module, tokenizer: Qwen2Tokenizer, cfg: ModelConfig, max_operand: int,
                fmt: PromptFormat = PromptFormat()) -> float:
     """Supervised steps on `prompt + answer<eos>`; the answer is right with prob `warm_start_correct_fraction`.
 
