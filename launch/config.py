@@ -36,8 +36,8 @@ class ModelConfig(BaseModel):
     num_layers: int = Field(2, ge=1)
     """Tiny default model: transformer layers."""
     vocab_size: int = Field(64, ge=16)
-    """Tiny default model: BPE vocabulary trained on the task text (byte-level: the 256 bytes are always in it,
-    so a size below that learns no merges)."""
+    """Tiny default model: BPE vocabulary trained on the task text (byte-level over printable ASCII: those 100
+    symbols are always in it, so a size below that learns no merges)."""
     max_model_len: int = Field(64, ge=8)
     """Context length for generation and training."""
     warm_start_steps: int = Field(200, ge=0)

@@ -177,7 +177,13 @@ def parse_row(row: Any, data: DataConfig, default_id: str) -> Prompt | str:
 
 
 def prompt_format(data: DataConfig) -> PromptFormat:
-    return PromptFormat(apply_chat_template=data.apply_chat_template, system_prompt=data.system_prompt)
+    """The run's rendering. `auto` leaves synthetic:arithmetic untemplated: it is a completion task (`3+4=`
+    continued by the answer), and through the template the tiny default model learns it worse (greedy accuracy
+    after its warm start 0.15 templated vs 0.32 plain); `apply_chat_template: true` templates it anyway."""
+    template = data.apply_chat_template
+    if template == "auto" and data.train.startswith(SYNTHETIC_PREFIX):
+        template = False
+    return PromptFormat(apply_chat_template=template, system_prompt=data.system_prompt)
 
 
 def render_prompts(prompt_set: PromptSet, tokenizer, fmt: PromptFormat, max_len: int, source: str) -> PromptSet:
