@@ -28,12 +28,13 @@ import pyarrow as pa
 
 from actors.config import ActorConfig
 from actors.engines import Engine, Output, SyncEngine
-from actors.prompts import Prompt, render_all
+from actors.prompts import Prompt, PromptFormat, render_all
 from actors.rewards import Rewards
 from buffer.schema import Rollout, rollouts_to_arrow
 
 __all__ = ["GenerationResult", "Generator", "Prompt"]
 SAMPLES_PER_REQUEST = 2  # decoded rows a request hands back for the run's samples.jsonl
+UNSTORED = PromptFormat(apply_chat_template=False)  # prompts the launcher did not render: text stays text
 
 @dataclass
 class GenerationResult:
@@ -68,8 +69,9 @@ class Generator:
 
     def encode_all(self, prompts: list[Prompt]) -> list[list[int]]:
         """`encode` of many prompts: the rendering the launcher stored with each (actors/prompts.py), or, for a
-        prompt made without one (benchmarks, tests), the same function's default rendering now."""
-        return render_all(self.engine.tokenizer, prompts)
+        prompt made without one (benchmarks, tests), the same function's rendering now: a chat through the
+        template, a text as it is."""
+        return render_all(self.engine.tokenizer, prompts, UNSTORED)
 
     def close(self) -> None:
         self.engine.close()

@@ -36,8 +36,12 @@ class ModelConfig(BaseModel):
     num_layers: int = Field(2, ge=1)
     """Tiny default model: transformer layers."""
     vocab_size: int = Field(64, ge=16)
-    """Tiny default model: BPE vocabulary trained on the task text (byte-level over printable ASCII: those 100
-    symbols are always in it, so a size below that learns no merges)."""
+    """Tiny default model: BPE vocabulary trained on the task text (byte-level; its alphabet, see
+    tokenizer_alphabet, is always in it)."""
+    tokenizer_alphabet: Literal["task", "ascii"] = "task"
+    """Tiny default model: characters its tokenizer knows besides its chat template's: task (the arithmetic
+    corpus's; any other character is dropped) or ascii (printable ASCII, for English chat prompts; a larger output
+    layer, which the tiny model learns arithmetic worse with)."""
     max_model_len: int = Field(64, ge=8)
     """Context length for generation and training."""
     warm_start_steps: int = Field(200, ge=0)

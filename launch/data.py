@@ -111,12 +111,12 @@ def _datasets_rows(source: str, path: Path, data: DataConfig, split: str) -> Ite
 
     if not path.exists() and source not in PACKAGED_BUILDERS and source.count("/") != 1:
         raise DataError(f"prompt source {source}: no such file or directory (and not a hub name owner/dataset)")
-    kwargs = dict(data.load_kwargs)
+    kwargs, builder = dict(data.load_kwargs), source
     if path.is_file():  # a data file of another format (csv, arrow, ...): its extension names the builder
         kwargs.setdefault("data_files", str(path))
-        source = {".csv": "csv", ".arrow": "arrow", ".txt": "text"}.get(path.suffix, "json")
+        builder = {".csv": "csv", ".arrow": "arrow", ".txt": "text"}.get(path.suffix, "json")
     try:
-        ds = datasets.load_dataset(source, split=split, **kwargs)
+        ds = datasets.load_dataset(builder, split=split, **kwargs)
     except Exception as exc:  # offline, a missing split, a bad argument: name the source and say what went wrong
         raise DataError(f"prompt source {source}: datasets.load_dataset failed ({type(exc).__name__}: {exc})") from None
     return iter(ds)

@@ -22,7 +22,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer([f"{a}+{b}={a + b}" for a in range(10) for b in range(10)], vocab_size=64)
+    return train_tokenizer([f"{a}+{b}={a + b}" for a in range(10) for b in range(10)], vocab_size=64, alphabet="ascii")
 
 
 def _check_rows(ps):

@@ -114,8 +114,8 @@ def test_chat_prompts_are_stored_as_rendered_with_their_source_and_decoded_sampl
     from actors.generator import Prompt
     from buffer.schema import rollouts_from_arrow
 
-    chat = [{"role": "user", "content": "What is 1+2?"}]
-    prompts = [Prompt("c", "What is 1+2?", "3", messages=chat, data_source="chat"), Prompt("t", "2+2=", "4")]
+    chat = [{"role": "user", "content": "1+2="}]  # the tiny tokenizer knows the arithmetic task's characters only
+    prompts = [Prompt("c", "1+2=", "3", messages=chat, data_source="chat"), Prompt("t", "2+2=", "4")]
     res = generator.generate(prompts)
     rows = rollouts_from_arrow(res.batch)
     tok = generator.engine.tokenizer
@@ -124,6 +124,6 @@ def test_chat_prompts_are_stored_as_rendered_with_their_source_and_decoded_sampl
     assert len(chat_rows) == 4 and all(r.token_ids[:r.prompt_len] == want for r in chat_rows)
     assert {r.data_source for r in rows} == {"chat", ""}
     sample = res.samples[0]
-    assert sample["prompt"] == "<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert sample["prompt"] == "<|im_start|>user\n1+2=<|im_end|>\n<|im_start|>assistant\n"
     assert (sample["answer"], sample["source"], sample["policy_version"]) == ("3", "chat", generator.version)
     assert sample["response"] == chat_rows[0].response_text and sample["reward"] == chat_rows[0].reward
