@@ -148,3 +148,25 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, {"actors.reward": {"gsm8k": "math_verify", "default": "nope.py:fn"}})
     with pytest.raises(ConfigError, match="unknown config key 'data.prompt_field'"):
         load_config(None, {"data.prompt_field": "q"})
+
+
+def test_samples_jsonl_and_tensorboard_text_every_k_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from launch.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, total_steps=4, tensorboard=True, progress=False, samples=(2, 2))
+    rows = [{"prompt": f"<|im_start|>user\n{i}+1=<|im_end|>\n", "response": str(i + 1), "reward": 1.0, "answer": str(i + 1),
+             "source": "arith", "policy_version": i, "prompt_id": f"p{i}"} for i in range(3)]
+    log.keep_samples(rows)
+    for step in (1, 2):
+        log.log({"step": step, "policy_version": step, "reward_mean": 0.5})
+    log.keep_samples(rows[:1])
+    log.log({"step": 3, "policy_version": 3, "reward_mean": 0.5})
+    log.close()
+    written = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["prompt_id"]) for s in written] == [(2, "p1"), (2, "p2")]  # the newest 2, at step 2 only
+    assert written[0]["prompt"] == rows[1]["prompt"] and written[0]["policy_version"] == 1
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    texts = events.Tensors("samples/text_summary")
+    assert [t.step for t in texts] == [2] and b"2+1=" in texts[0].tensor_proto.string_val[0]
