@@ -35,8 +35,9 @@ class ActorConfig(BaseModel):
     text alike, so the reward reads what the tokens the learner trains on spell."""
     stop_token_ids: list[int] = []
     """Token ids that end a response besides the model's EOS (e.g. a chat model's end-of-turn token)."""
-    reward: str = "arithmetic"
-    """Builtin reward (arithmetic, math_verify) or path/to/file.py:function."""
+    reward: str | dict[str, str] = "arithmetic"
+    """Builtin reward (arithmetic, math_verify) or path/to/file.py:function; or a mapping data_source -> such a
+    spec, with `default` for sources not named (see actors/rewards.py for the arguments a function receives)."""
     kv_cache_gib: int = Field(1, ge=1)
     """vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)

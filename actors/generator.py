@@ -1,8 +1,8 @@
 """The generator: samples groups from one vLLM engine, records behaviour log-probs and scores them.
 
 A plain class; `actors/actor.py` wraps it as a Ray actor. The generator owns what a rollout is --
-how a prompt becomes token ids (`encode`, the one place for training, evaluation and in-flight
-generation alike), sampling params, grouping, rewards, skip rules, versions, and the checks that
+how a prompt becomes token ids (`encode_all`, through actors/prompts.py's one rendering, for training,
+evaluation and in-flight generation alike), sampling params, grouping, rewards, skip rules, versions, and the checks that
 keep a half-applied weight version from serving -- and holds an engine that only samples and swaps
 weights (actors/engines.py): `SyncEngine` between batches, or `AsyncEngine` (actors/inflight.py)
 when `weight_update_mode: in_flight` lets weights change during a generation. vLLM runs with
@@ -28,16 +28,13 @@ import pyarrow as pa
 
 from actors.config import ActorConfig
 from actors.engines import Engine, Output, SyncEngine
-from actors.rewards import resolve_reward, safe_reward
+from actors.prompts import Prompt, PromptFormat, render_all
+from actors.rewards import Rewards
 from buffer.schema import Rollout, rollouts_to_arrow
 
-
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    text: str
-    answer: str
-
+__all__ = ["GenerationResult", "Generator", "Prompt"]
+SAMPLES_PER_REQUEST = 2  # decoded rows a request hands back for the run's samples.jsonl
+UNSTORED = PromptFormat(apply_chat_template=False)  # prompts the launcher did not render: text stays text
 
 @dataclass
 class GenerationResult:
@@ -50,6 +47,7 @@ class GenerationResult:
     skipped: dict[str, int]  # reason -> groups
     put: Any = None  # ObjectRef of the buffer's put of `batch` (groups stored, -1 for a refused duplicate)
     reward_faults: dict[str, int] = field(default_factory=dict)  # samples scored 0 because the reward failed, by reason
+    samples: list[dict] = field(default_factory=list)  # a few decoded rows (prompt as the model saw it, response, ...)
 
 
 class Generator:
@@ -59,7 +57,7 @@ class Generator:
     def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int, version: int = 0,
                  weight_transfer_backend: str | None = None, engine_kwargs: dict | None = None):
         self.cfg, self.id, self.version, self.max_model_len = cfg, generator_id, version, max_model_len
-        self.reward_fn = resolve_reward(cfg.reward)  # a bad reward file fails before an engine starts
+        self.rewards = Rewards(cfg.reward)  # a bad reward file fails before an engine starts
         self._layout: dict | None = None
         self._weights_lock = threading.Lock()  # in_flight: loads run on another thread than generate
         self.engine: Engine = _make_engine(cfg, model_path, generator_id, max_model_len, version,
@@ -70,9 +68,10 @@ class Generator:
         return self.encode_all([prompt])[0]
 
     def encode_all(self, prompts: list[Prompt]) -> list[list[int]]:
-        """`encode` of many prompts in one tokenizer call. The text is the whole prompt: no special tokens are
-        added around it."""
-        return self.engine.tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"] if prompts else []
+        """`encode` of many prompts: the rendering the launcher stored with each (actors/prompts.py), or, for a
+        prompt made without one (benchmarks, tests), the same function's rendering now: a chat through the
+        template, a text as it is."""
+        return render_all(self.engine.tokenizer, prompts, UNSTORED)
 
     def close(self) -> None:
         self.engine.close()
@@ -177,33 +176,32 @@ class Generator:
             kept.append(p)
             token_prompts.append(ids)
         outputs = self.engine.sample(token_prompts, self.sampling_params()) if kept else []
-        rows: list[Rollout] = []
+        usable = []
         for p, out in zip(kept, outputs):
-            group, reason = self._group(p, out, t0)
-            if reason:
+            if reason := _unusable(out):
                 skipped[reason] += 1
             else:
-                rows.extend(group)
+                usable.append((p, out))
+        # every sample of the request in one scoring pass: a batched reward sees them all at once
+        scores = iter(self.rewards.score([p for p, out in usable for _ in out.outputs],
+                                         [c.text for _, out in usable for c in out.outputs]))
+        groups = [self._group(p, out, [next(scores) for _ in out.outputs], t0) for p, out in usable]
+        rows = [row for group in groups for row in group]
         batch = rollouts_to_arrow(rows) if rows else None
         tokens = sum(len(r.behaviour_logprobs) for r in rows)
         faults = Counter(r.reward_info for r in rows if r.reward_info)  # samples scored 0: the reward raised or was NaN
-        return GenerationResult(batch, len(rows) // self.cfg.n, tokens, self.version, time.time() - t0,
-                                self.engine.loading_s() - loading0, dict(skipped), reward_faults=dict(faults))
+        return GenerationResult(batch, len(groups), tokens, self.version, time.time() - t0,
+                                self.engine.loading_s() - loading0, dict(skipped), reward_faults=dict(faults),
+                                samples=self._samples(usable, groups))
 
-    def _group(self, prompt: Prompt, out: Output, t_start: float) -> tuple[list[Rollout], str]:
-        """One prompt's n samples as Rollouts; a group with unusable samples is dropped whole (with a reason)
-        because group-relative objectives need every member. With per-token versions (in-flight), a row's
-        policy_version is its oldest token's: what the buffer's staleness bound measures."""
+    def _group(self, prompt: Prompt, out: Output, scores: list[tuple[float, str]], t_start: float) -> list[Rollout]:
+        """One prompt's n samples as Rollouts. With per-token versions (in-flight), a row's policy_version is its
+        oldest token's: what the buffer's staleness bound measures. The token ids stored are the ones the engine
+        generated from (`out.prompt_token_ids`), so the learner scores exactly what was sampled."""
         group_id = uuid.uuid4().hex
         rows = []
-        for i, comp in enumerate(out.outputs):
+        for i, (comp, (reward, info)) in enumerate(zip(out.outputs, scores)):
             ids = list(comp.token_ids)
-            if not ids:
-                return [], "empty_generation"
-            logps = [lp[tok].logprob for lp, tok in zip(comp.logprobs, ids)]
-            if not all(math.isfinite(x) for x in logps):
-                return [], "nonfinite_logprobs"
-            reward, info = safe_reward(self.reward_fn, comp.text, prompt.answer)
             rows.append(
                 Rollout(
                     rollout_id=f"{group_id}-{i}",  # unique as the group id is; one uuid per group is enough
@@ -212,7 +210,7 @@ class Generator:
                     group_size=self.cfg.n,
                     token_ids=list(out.prompt_token_ids) + ids,
                     prompt_len=len(out.prompt_token_ids),
-                    behaviour_logprobs=logps,
+                    behaviour_logprobs=[lp[tok].logprob for lp, tok in zip(comp.logprobs, ids)],
                     reward=reward,
                     policy_version=min(comp.versions) if comp.versions else self.version,
                     generator_id=self.id,
@@ -222,17 +220,40 @@ class Generator:
                     response_text=comp.text,
                     reward_info=info,
                     token_versions=comp.versions or [],
+                    data_source=prompt.data_source,
                 )
             )
-        return rows, ""
+        return rows
+
+    def _samples(self, usable: list[tuple[Prompt, Output]], groups: list[list[Rollout]]) -> list[dict]:
+        """The first row of the first few groups, decoded for people: the prompt as the model saw it (template
+        and special tokens included), the response, its reward, the reference answer."""
+        out = []
+        for (p, o), group in list(zip(usable, groups))[:SAMPLES_PER_REQUEST]:
+            row = group[0]
+            out.append({"prompt": self.engine.tokenizer.decode(list(o.prompt_token_ids), skip_special_tokens=False),
+                        "response": row.response_text, "reward": row.reward, "answer": p.answer,
+                        "source": p.data_source, "policy_version": row.policy_version, "prompt_id": p.id})
+        return out
 
     def evaluate(self, prompts: list[Prompt]) -> dict[str, float]:
         """Greedy decoding on held-out prompts, encoded as training encodes them: mean reward and response length."""
         self._check_whole()
         outs = self.engine.sample(self.encode_all(prompts), self.sampling_params(greedy=True))
-        scores = [safe_reward(self.reward_fn, o.outputs[0].text, p.answer)[0] for p, o in zip(prompts, outs)]
+        scores = [s for s, _ in self.rewards.score(prompts, [o.outputs[0].text for o in outs])]
         lengths = [len(o.outputs[0].token_ids) for o in outs]
         return {"eval/reward_mean": sum(scores) / len(scores), "eval/response_length_mean": sum(lengths) / len(lengths)}
+
+
+def _unusable(out: Output) -> str:
+    """Why a group cannot be trained on ("" if it can): group-relative objectives need every member, so a group
+    with an unusable sample is dropped whole, with a reason."""
+    for comp in out.outputs:
+        if not comp.token_ids:
+            return "empty_generation"
+        if not all(math.isfinite(lp[tok].logprob) for lp, tok in zip(comp.logprobs, comp.token_ids)):
+            return "nonfinite_logprobs"
+    return ""
 
 
 def _make_engine(cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int, version: int,

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.config import ActorConfig
-from actors.rewards import resolve_reward
+from actors.rewards import Rewards
 from buffer.config import BufferConfig
 from learner.config import LearnerConfig
 from learner.objectives.config import READS
@@ -39,7 +39,12 @@ class ModelConfig(BaseModel):
     num_layers: int = Field(2, ge=1)
     """Tiny default model: transformer layers."""
     vocab_size: int = Field(64, ge=16)
-    """Tiny default model: BPE vocabulary trained on the task text."""
+    """Tiny default model: BPE vocabulary trained on the task text (byte-level; its alphabet, see
+    tokenizer_alphabet, is always in it)."""
+    tokenizer_alphabet: Literal["task", "ascii"] = "task"
+    """Tiny default model: characters its tokenizer knows besides its chat template's: task (the arithmetic
+    corpus's; any other character is dropped) or ascii (printable ASCII, for English chat prompts; a larger output
+    layer, which the tiny model learns arithmetic worse with)."""
     max_model_len: int | None = Field(None, ge=8)
     """Context length (prompt + response) for generation and training. Unset: 64 for the tiny default model, and
     the model's own max_position_embeddings (its config.json) for `path`."""
@@ -62,11 +67,39 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     train: str = "synthetic:arithmetic"
-    """Training prompts: synthetic:arithmetic or a JSONL file of {prompt, answer[, id]}."""
+    """Training prompts: synthetic:arithmetic; a .jsonl, .json or .parquet file; or any `datasets` source (a local
+    directory or data file, a packaged builder such as json/parquet with data.load_kwargs, a hub name where online)."""
     eval: str | None = None
-    """Held-out prompts for greedy evaluation (JSONL), or None."""
+    """Held-out prompts for greedy evaluation (same forms as data.train), or None."""
     eval_every: int = Field(0, ge=0)
     """Evaluate every k learner steps (0 = off)."""
+    split: str = "train"
+    """`datasets` sources: the split data.train reads."""
+    eval_split: str = "test"
+    """`datasets` sources: the split data.eval reads."""
+    load_kwargs: dict[str, Any] = {}
+    """`datasets` sources: extra arguments of datasets.load_dataset (name, data_files, revision, ...)."""
+    prompt_key: str = "prompt"
+    """Field of a row holding its text prompt (a list of {role, content} there is read as a chat). Dotted names
+    reach into nested fields (e.g. reward_model.ground_truth)."""
+    messages_key: str = "messages"
+    """Field holding a chat prompt (a list of {role, content}); used when a row has it, else data.prompt_key."""
+    answer_key: str = "answer"
+    """Field holding the reference answer the reward compares against."""
+    id_key: str = "id"
+    """Field holding the row's id (default: <file stem>-<row number>)."""
+    source_key: str = "data_source"
+    """Field naming the row's source: routes its reward (actors.reward as a mapping) and tags its rollouts."""
+    require_answer: bool = True
+    """Skip rows without an answer (counted as missing_answer); false for rewards that need no reference."""
+    apply_chat_template: bool | Literal["auto"] = "auto"
+    """Text prompts through the tokenizer's chat template (auto: when the tokenizer has one). Chat prompts
+    (messages) always are; they need a tokenizer with a template."""
+    system_prompt: str | None = None
+    """A system turn put before every prompt that does not start with one (needs the chat template)."""
+    max_prompt_len: int | None = Field(None, ge=1)
+    """Skip rows whose rendered prompt is longer, in tokens (counted as prompt_too_long). Rows longer than
+    model.max_model_len - actors.max_tokens are skipped the same way in any case."""
     max_operand: int = Field(9, ge=1)
     """synthetic:arithmetic: operands range over 0..max_operand."""
     seed: int = 0
@@ -129,6 +162,11 @@ class RunConfig(BaseModel):
     """Show a progress bar."""
     wandb: bool = False
     """Also log every metric to Weights & Biases, offline, under the run directory (needs the `wandb` extra)."""
+    log_samples_every: int = Field(10, ge=0)
+    """Every k learner steps, write a few decoded rollouts (prompt as the model saw it, response, reward, answer,
+    source, policy version) to samples.jsonl and TensorBoard (0 = off)."""
+    log_samples: int = Field(4, ge=1)
+    """Rows written each time (the most recent ones generated)."""
 
     @model_validator(mode="after")
     def _component_defaults_from_the_run(self) -> "RunConfig":
@@ -206,6 +244,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     return cfg
 
 
+PACKAGED_BUILDERS = ("json", "csv", "parquet", "arrow", "text")  # datasets.load_dataset names read data.load_kwargs
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
 
@@ -219,7 +260,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.model.path is not None and _looks_local(cfg.model.path) and not Path(cfg.model.path).expanduser().exists():
         raise ConfigError(f"config key 'model.path': {cfg.model.path} does not exist")
     for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if source and not source.startswith("synthetic:") and not Path(source).is_file():
+        if source and not source.startswith("synthetic:") and source not in PACKAGED_BUILDERS \
+                and _looks_local(source) and not Path(source).expanduser().exists():
             raise ConfigError(f"config key {key!r}: dataset file {source} does not exist")
     if A.weight_update_mode == "in_flight" and pushes(cfg.weights.transport):
         pull = ", ".join(n for n in TRANSPORTS if not pushes(n))
@@ -241,10 +283,14 @@ def validate(cfg: RunConfig) -> None:
                           "while vLLM records them under the truncated distribution it samples from, so every "
                           "importance ratio would be biased; sample with top_p 1.0 and top_k 0")
     try:  # user code is loaded here, in the driver, so a wrong path or name fails before any actor starts
-        resolve_reward(A.reward)
+        Rewards(A.reward)
     except Exception as exc:  # a bad spec, or user code that fails while it is imported
         raise ConfigError(f"config key 'actors.reward': {type(exc).__name__}: {exc}") from None
-    _check_engine(cfg)
+    _check_engine(cfg)  # resolves model.max_model_len
+    D = cfg.data
+    if D.max_prompt_len is not None and D.max_prompt_len + A.max_tokens > cfg.model.max_model_len:
+        raise ConfigError(f"config key 'data.max_prompt_len': {D.max_prompt_len} + actors.max_tokens={A.max_tokens} "
+                          f"exceeds model.max_model_len={cfg.model.max_model_len}")
     if cfg.data.eval_every and not cfg.data.eval:
         raise ConfigError("config key 'data.eval_every': set data.eval to a held-out prompt file as well")
     max_len = L.objective.max_len

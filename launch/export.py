@@ -85,12 +85,13 @@ def find_tokenizer(run_dir: Path, config: dict) -> Path:
     if model.get("path"):
         candidates.append(Path(model["path"]).expanduser())
     else:
-        from launch.config import ModelConfig
+        from launch.config import DataConfig, ModelConfig
+        from launch.data import prompt_format
         from launch.model import default_model_dir
 
-        max_operand = config.get("data", {}).get("max_operand", 9)
+        data = DataConfig(**config.get("data", {}))
         cache = Path(config.get("output_dir", "runs")) / "_models"
-        candidates.append(default_model_dir(ModelConfig(**model), max_operand, cache))
+        candidates.append(default_model_dir(ModelConfig(**model), data.max_operand, cache, prompt_format(data)))
     for path in candidates:
         if any((path / name).is_file() for name in TOKENIZER_MARKERS):
             return path

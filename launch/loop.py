@@ -7,9 +7,8 @@ buffer's sample, resolved in the learner, never here); idle rollout actors get a
 newest weight handle and apply it at their next request, so the learner never waits for them. An actor sends
 its groups to the buffer itself and returns without waiting for the put (the launcher waits for the ack).
 
-Runs stay alive and honest: a rollout actor that dies or overruns `ray.rpc_timeout_s` is replaced and its
-request re-issued under the same id unless the buffer recorded it (the buffer refuses a second copy); the
-fleet follows control.json; `--resume` continues exactly from a checkpoint; a ledger accounts for every group.
+Runs stay alive and honest: a dead or overdue rollout actor is replaced and its request re-issued under the same
+id unless the buffer recorded it; the fleet follows control.json; `--resume` continues exactly; a ledger counts all.
 """
 from __future__ import annotations
 
@@ -34,9 +33,9 @@ FINISHING = ("generate", "ack", "recorded", "evaluate")  # calls the end of a ru
 class Launcher:
     """Starts every component of a run and drives it to `learner.total_steps`; `resume=True` continues a run."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str, resume: bool = False):
+    def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str, resume: bool = False, data=None):
         self.cfg, self.run_dir = cfg, run_dir
-        self.parts = RunParts(cfg, run_dir, model_path)  # buffer, learner ranks, transport, prompts
+        self.parts = RunParts(cfg, run_dir, model_path, data)  # buffer, learner ranks, transport, prompts
         self.buffer, self.ranks, self.transport = self.parts.buffer, self.parts.ranks, self.parts.transport
         self.state = RunState(skipped=self.parts.skipped, rollout_actors=cfg.actors.num_actors)
         self.handle: WeightHandle | None = None  # the newest published weights
@@ -166,6 +165,7 @@ class Launcher:
             self.releases += 1
         self.state.skipped.update(result.skipped)
         self.state.reward_faults.update(result.reward_faults)
+        self.log.keep_samples(result.samples)
         self.throughput.add(result.groups * self.cfg.actors.n, result.tokens, result.gen_s)
         self.last_load_s = result.load_s or self.last_load_s
 

@@ -1,10 +1,11 @@
-"""What a user sees of a run: metrics.jsonl, TensorBoard event files, optional W&B (offline), a progress bar,
-a summary line."""
+"""What a user sees of a run: metrics.jsonl, samples.jsonl, TensorBoard event files, optional W&B (offline), a
+progress bar, a summary line."""
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections import deque
 from pathlib import Path
 
 # Keys every metrics.jsonl line carries (None where a value does not apply to the run).
@@ -34,6 +35,11 @@ def _wandb_run(run_dir: Path, config: dict):
                       config=config, settings=wandb.Settings(console="off"))  # Ray's forwarded actor logs: not twice
 
 
+def _indent(text: str) -> str:
+    """A markdown code block line by line (TensorBoard renders text as markdown; templates are not markdown)."""
+    return text.replace("\n", "\n    ")
+
+
 def read_history(run_dir: Path, up_to_step: int) -> list[dict]:
     """Training records of steps <= up_to_step (a resumed run continues the first run's history)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -44,10 +50,13 @@ def read_history(run_dir: Path, up_to_step: int) -> list[dict]:
 class MetricsLog:
     """metrics.jsonl (one line per learner step, plus eval lines), events.jsonl (fleet, checkpoints), TensorBoard,
     a progress bar; with `wandb` (the run's config as a dict) also a W&B run in offline mode under run_dir/wandb.
-    With start_step > 0 (a resume) lines past the checkpoint are dropped, not duplicated."""
+    With start_step > 0 (a resume) lines past the checkpoint are dropped, not duplicated. `samples` = (every k
+    steps, n rows): samples.jsonl gets the n most recent decoded rollouts every k learner steps (k = 0: never)."""
 
     def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, progress: bool, start_step: int = 0,
-                 wandb: dict | None = None):
+                 wandb: dict | None = None, samples: tuple[int, int] = (0, 1)):
+        self.samples_every, self.recent = samples[0], deque(maxlen=samples[1])
+        self.samples_file = open(run_dir / "samples.jsonl", "a", buffering=1) if self.samples_every else None
         path = run_dir / "metrics.jsonl"
         if start_step and path.exists():  # the dead process may have logged steps after its last checkpoint
             keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
@@ -76,10 +85,30 @@ class MetricsLog:
                     self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log(_scalars(record, "train/"), step=step)
+        if self.samples_every and step % self.samples_every == 0:
+            self._write_samples(step)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", sps=f"{record['samples_per_s'] or 0:.0f}",
                                  stale=f"{record['staleness_mean']:.2f}", v=record["policy_version"], refresh=False)
+
+    def keep_samples(self, samples: list[dict]) -> None:
+        """Decoded rows a generation request handed back (actors/generator.py); the newest are written next."""
+        self.recent.extend(samples)
+
+    def _write_samples(self, step: int) -> None:
+        """samples.jsonl lines and a TensorBoard text panel: what the model read and wrote, and how it scored.
+        The rows are the newest generated (not necessarily the ones this step trained on); policy_version
+        says which weights wrote each."""
+        rows = [{"step": step, **{k: _clean(v) for k, v in r.items()}} for r in self.recent]
+        self.recent.clear()
+        for row in rows:
+            self.samples_file.write(json.dumps(row) + "\n")
+        if self.tb is not None and rows:
+            text = "\n\n".join(f"**reward {r['reward']}** (answer `{r['answer']}`, source `{r['source']}`, "
+                                f"policy v{r['policy_version']})\n\n    {_indent(r['prompt'])}\n    ---\n    "
+                                f"{_indent(r['response'])}" for r in rows)
+            self.tb.add_text("samples", text, step)
 
     def log_eval(self, step: int, metrics: dict) -> None:
         """Held-out evaluation: an `eval/...` line in metrics.jsonl and the same scalars in TensorBoard."""
@@ -98,6 +127,8 @@ class MetricsLog:
             self.bar.write(f"relay: step {record.get('step')}: {record['event']} {record.get('actor', record.get('path', ''))}")
 
     def close(self) -> None:
+        if self.samples_file is not None:
+            self.samples_file.close()
         self.events.close()
         self.file.close()
         if self.tb is not None:

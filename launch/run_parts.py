@@ -14,7 +14,7 @@ from actors.actor import place_rollout_actor
 from buffer.actor import make_buffer_actor
 from launch.config import RunConfig
 from launch.control import ControlFile
-from launch.data import PromptStream, load_prompts
+from launch.data import PromptStream, RunData, prepare_prompts
 from launch.fleet import RolloutFleet
 from launch.ledger import ledger, summarize
 from launch.metrics import MetricsLog, read_history
@@ -26,12 +26,12 @@ if TYPE_CHECKING:
 
 
 class RunParts:
-    def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str):
+    def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str, data: RunData | None = None):
         self.cfg, self.run_dir = cfg, run_dir
-        prompt_set = load_prompts(cfg.data.train, cfg.data.max_operand)
-        self.skipped: Counter[str] = Counter(prompt_set.skipped)
-        self.stream = PromptStream(prompt_set.prompts, cfg.data.seed)
-        self.eval_prompts = load_prompts(cfg.data.eval, cfg.data.max_operand).prompts if cfg.data.eval else []
+        self.data = data or prepare_prompts(cfg, model_path)  # launch.train prepares it before Ray starts
+        self.skipped: Counter[str] = Counter(self.data.train.skipped)  # rows skipped at load, by reason
+        self.stream = PromptStream(self.data.train.prompts, cfg.data.seed)
+        self.eval_prompts = self.data.eval
         kind = transport_class(cfg.weights.transport)
         if not kind.crosses_nodes and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
             raise ValueError(f"weights.transport={cfg.weights.transport} needs the learner and every generator on one "
@@ -98,7 +98,11 @@ class RunParts:
         """The run's metrics log and, for a resumed run, the training records it already has."""
         cfg = self.cfg
         log = MetricsLog(self.run_dir, cfg.learner.total_steps, cfg.tensorboard, cfg.progress, start_step=start_step,
-                         wandb=cfg.model_dump(mode="json") if cfg.wandb else None)
+                         wandb=cfg.model_dump(mode="json") if cfg.wandb else None,
+                         samples=(cfg.log_samples_every, cfg.log_samples))
+        if not start_step:
+            log.event({"step": 0, "event": "data", "train": cfg.data.train, "prompts": len(self.data.train.prompts),
+                       "skipped": self.data.train.skipped, "eval_prompts": len(self.data.eval)})
         if start_step:
             log.event({"step": start_step, "event": "resumed", "path": resumed_from})
         return log, read_history(self.run_dir, start_step) if start_step else []

@@ -111,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as exc:
             print(f"relay: {exc}", file=sys.stderr)
             return 2
+    from launch.data import DataError
+
     try:
         summary = run(cfg, run_dir, resume=bool(args.resume))
-    except (ConfigError, ClusterError) as exc:  # what only the built model or the live cluster can tell, before any actor starts
+    except (ConfigError, ClusterError, DataError) as exc:  # what only the built model, the data or the live cluster can tell, before any actor starts
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     print("relay: done " + json.dumps(summary))
@@ -123,19 +125,26 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     import ray
 
+    from actors.rewards import Rewards
     from common.seeding import seed_everything
+    from launch.data import prepare_prompts, prompt_format
     from launch.loop import Launcher
     from launch.model import build_default_model
 
     seed_everything(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    model_path = cfg.model.path or build_default_model(cfg.model, cfg.data.max_operand, Path(cfg.output_dir) / "_models")
+    model_path = cfg.model.path or build_default_model(cfg.model, cfg.data.max_operand, Path(cfg.output_dir) / "_models",
+                                                       prompt_format(cfg.data))
     check_model(cfg, model_path)  # the built tiny model only now; a user model again, for a config built in code
+    data = prepare_prompts(cfg, model_path, Rewards(cfg.actors.reward))  # bad data fails here, before Ray starts
+    print(f"relay: data.train {cfg.data.train}: {len(data.train.prompts)} prompts"
+          + (f", skipped {data.train.skipped}" if data.train.skipped else "")
+          + (f"; data.eval {cfg.data.eval}: {len(data.eval)} prompts" if cfg.data.eval else ""), file=sys.stderr)
     started = init_ray(cfg)
     try:
         check_fits(resource_requests(cfg), ray.nodes())
-        summary = Launcher(cfg, run_dir, model_path, resume=resume).run()
+        summary = Launcher(cfg, run_dir, model_path, resume=resume, data=data).run()
     finally:
         if started:
             ray.shutdown()

@@ -274,9 +274,9 @@ def test_bad_data_is_counted_and_the_run_goes_on(launcher_factory, tmp_path):
     summary = launcher.run()
     assert summary["steps"] == 12
     skipped, faults = summary["skipped"], summary["reward_faults"]
-    assert skipped["bad_row_JSONDecodeError"] == 1 and skipped["bad_row_KeyError"] == 1
-    assert skipped["bad_row_AttributeError"] == 1  # a JSON list, not an object
-    assert skipped["prompt_too_long"] >= 1
+    assert skipped["bad_json"] == 1 and skipped["missing_answer"] == 1
+    assert skipped["not_an_object"] == 1  # a JSON list, not an object
+    assert skipped["prompt_too_long"] == 1  # at load, once: never dispatched
     assert faults["reward_error:ZeroDivisionError"] > 0 and faults["reward_nonfinite"] > 0
     last = _metrics(launcher.run_dir)[-1]
     assert last["skipped/prompt_too_long"] == skipped["prompt_too_long"]

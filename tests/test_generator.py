@@ -19,8 +19,8 @@ def bos_model_dir(tiny_model_dir, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("bos") / "model"
     shutil.copytree(tiny_model_dir, out)
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    bos = ("<|eos|>", tok.token_to_id("<|eos|>"))
-    tok.post_processor = processors.TemplateProcessing(single="<|eos|> $A", pair="<|eos|> $A $B", special_tokens=[bos])
+    bos = ("<|pad|>", tok.token_to_id("<|pad|>"))
+    tok.post_processor = processors.TemplateProcessing(single="<|pad|> $A", pair="<|pad|> $A $B", special_tokens=[bos])
     tok.save(str(out / "tokenizer.json"))
     return str(out)
 
@@ -165,3 +165,24 @@ def test_stop_strings_and_stop_ids_end_generation_with_the_sampled_tokens(untrai
     gen.close()
     del gen
     gc.collect()
+
+
+def test_chat_prompts_are_stored_as_rendered_with_their_source_and_decoded_samples(generator):
+    """A chat prompt reaches the engine as the chat template renders it; those ids are what the Rollout stores,
+    tagged with the row's data_source; the samples a request hands back decode the prompt template included."""
+    from actors.generator import Prompt
+    from buffer.schema import rollouts_from_arrow
+
+    chat = [{"role": "user", "content": "1+2="}]  # the tiny tokenizer knows the arithmetic task's characters only
+    prompts = [Prompt("c", "1+2=", "3", messages=chat, data_source="chat"), Prompt("t", "2+2=", "4")]
+    res = generator.generate(prompts)
+    rows = rollouts_from_arrow(res.batch)
+    tok = generator.engine.tokenizer
+    want = tok.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    chat_rows = [r for r in rows if r.prompt_id == "c"]
+    assert len(chat_rows) == 4 and all(r.token_ids[:r.prompt_len] == want for r in chat_rows)
+    assert {r.data_source for r in rows} == {"chat", ""}
+    sample = res.samples[0]
+    assert sample["prompt"] == "<|im_start|>user\n1+2=<|im_end|>\n<|im_start|>assistant\n"
+    assert (sample["answer"], sample["source"], sample["policy_version"]) == ("3", "chat", generator.version)
+    assert sample["response"] == chat_rows[0].response_text and sample["reward"] == chat_rows[0].reward

@@ -50,7 +50,7 @@ def _sample_order(cfg: BufferConfig) -> list[list[str]]:
 def _data_order(seed: int) -> tuple[list[str], list[list[str]]]:
     """The prompt stream over 1.5 epochs and the uniform sampler's picks, as the run's seed sets them."""
     cfg = load_config(None, {"seed": seed, "buffer.sampler": "uniform", "buffer.max_reuse": 1000})
-    stream = PromptStream(load_prompts(cfg.data.train, cfg.data.max_operand).prompts, cfg.data.seed)
+    stream = PromptStream(load_prompts(cfg.data.train, cfg.data).prompts, cfg.data.seed)
     prompts = [p.id for p in stream.take(150)]  # 100 prompts: crosses into the second epoch's shuffle
     return prompts, _sample_order(cfg.buffer)
 

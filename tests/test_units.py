@@ -6,7 +6,9 @@ import torch
 
 from actors.rewards import arithmetic_reward, math_verify_reward, resolve_reward, safe_reward
 from buffer.schema import Rollout, rollouts_from_arrow, rollouts_to_arrow
-from launch.data import PromptStream, load_prompts
+from actors.prompts import Prompt
+from launch.config import DataConfig
+from launch.data import DataError, PromptStream, load_prompts
 from learner.batch import response_logprobs, shard_groups, to_tensors
 from transport.base import WeightHandle
 from transport.disk import DiskTransport
@@ -29,9 +31,10 @@ def test_user_reward_from_path_and_bad_values(tmp_path):
     f = tmp_path / "my_reward.py"
     f.write_text("def score(resp, ans):\n    return float(len(resp))\n\ndef boom(resp, ans):\n    raise RuntimeError('x')\n"
                  "\ndef nan(resp, ans):\n    return float('nan')\n")
-    assert resolve_reward(f"{f}:score")("abc", "") == 3.0
-    assert safe_reward(resolve_reward(f"{f}:boom"), "a", "b") == (0.0, "reward_error:RuntimeError")
-    assert safe_reward(resolve_reward(f"{f}:nan"), "a", "b") == (0.0, "reward_nonfinite")
+    p = Prompt("p", "q", "b")
+    assert resolve_reward(f"{f}:score")([p], ["abc"]) == [3.0]  # fn(response, answer): the positional convention
+    assert safe_reward(resolve_reward(f"{f}:boom"), p, "a") == (0.0, "reward_error:RuntimeError")
+    assert safe_reward(resolve_reward(f"{f}:nan"), p, "a") == (0.0, "reward_nonfinite")
     with pytest.raises(ValueError, match="does not exist"):
         resolve_reward(f"{tmp_path}/nope.py:score")
     with pytest.raises(ValueError, match="has no function missing"):
@@ -45,14 +48,14 @@ def test_prompt_file_bad_rows_are_counted_and_skipped(tmp_path):
     f.write_text('{"prompt": "1+1=", "answer": 2}\nnot json\n{"question": "x"}\n\n{"id": "k", "prompt": "2+2=", "answer": "4"}\n[1]\n')
     ps = load_prompts(str(f))
     assert [p.text for p in ps.prompts] == ["1+1=", "2+2="] and ps.prompts[1].id == "k" and ps.prompts[0].answer == "2"
-    assert sum(ps.skipped.values()) == 3
-    assert len(load_prompts("synthetic:arithmetic", 4).prompts) == 25
-    with pytest.raises(FileNotFoundError):
+    assert ps.skipped == {"bad_json": 1, "missing_prompt": 1, "not_an_object": 1}
+    assert len(load_prompts("synthetic:arithmetic", DataConfig(max_operand=4)).prompts) == 25
+    with pytest.raises(DataError, match="missing.jsonl"):
         load_prompts(str(tmp_path / "missing.jsonl"))
 
 
 def test_prompt_stream_covers_epochs_and_restores():
-    prompts = load_prompts("synthetic:arithmetic", 3).prompts  # 16
+    prompts = load_prompts("synthetic:arithmetic", DataConfig(max_operand=3)).prompts  # 16
     s = PromptStream(prompts, seed=1)
     first = [p.id for p in s.take(16)]
     assert sorted(first) == sorted(p.id for p in prompts)  # an epoch is a permutation
