@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 
@@ -25,6 +26,42 @@ class TrainBatch:
 
     def slice(self, rows: slice) -> "TrainBatch":
         return TrainBatch(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+    def take(self, rows: torch.Tensor) -> "TrainBatch":
+        """These rows, padded only to their own longest sequence and response (right padding is cut)."""
+        picked = TrainBatch(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+        length = max(int(picked.attention_mask.sum(1).max()), 1) if len(rows) else 1
+        width = max(int(picked.resp_mask.sum(1).max()), 1) if len(rows) else 1
+        return TrainBatch(picked.input_ids[:, :length], picked.attention_mask[:, :length],
+                          picked.resp_index[:, :width], picked.resp_mask[:, :width], picked.behaviour_logp[:, :width],
+                          picked.rewards, picked.group_ids, picked.versions, picked.token_versions[:, :width])
+
+
+def micro_batches(batch: TrainBatch, groups_per_micro: int, max_tokens: int | None, whole_groups: bool) -> list[torch.Tensor]:
+    """Row indices (each (b,) long) of the micro-batches one optimizer step's rows are split into.
+
+    max_tokens None: `groups_per_micro` groups at a time, in order. Otherwise rows (or, with `whole_groups`,
+    groups) are sorted longest first and packed greedily while the micro-batch's padded size, rows x its
+    longest sequence (prompt + response), stays within `max_tokens`; a unit longer than the budget gets a
+    micro-batch of its own. Sorting puts rows of similar length together, so little is padding.
+    """
+    lengths = batch.attention_mask.sum(1)  # (B,)
+    groups = [torch.nonzero(batch.group_ids == g).squeeze(-1) for g in torch.unique(batch.group_ids)]  # (n,) each
+    if max_tokens is None:
+        return [torch.cat(groups[i:i + groups_per_micro]) for i in range(0, len(groups), groups_per_micro)]
+    units = groups if whole_groups else [torch.tensor([i]) for i in range(len(batch))]
+    units.sort(key=lambda u: -int(lengths[u].max()))
+    plan: list[list[torch.Tensor]] = []
+    rows, longest = 0, 0
+    for unit in units:
+        unit_longest = int(lengths[unit].max())
+        if plan and (rows + len(unit)) * max(longest, unit_longest) <= max_tokens:
+            plan[-1].append(unit)
+            rows, longest = rows + len(unit), max(longest, unit_longest)
+        else:
+            plan.append([unit])
+            rows, longest = len(unit), unit_longest
+    return [torch.cat(p) for p in plan]
 
 
 def shard_groups(batch: pa.RecordBatch, rank: int, world_size: int) -> pa.RecordBatch:
@@ -92,20 +129,22 @@ def staleness_stats(batch: TrainBatch, learner_version: int) -> dict[str, float]
 
 
 def response_logprobs(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor, resp_index: torch.Tensor,
-                      resp_mask: torch.Tensor, temperature: float, chunk_tokens: int):
+                      resp_mask: torch.Tensor, temperature: float, chunk_tokens: int, fp32_head: bool = True):
     """Log-probs (with grad) and entropies (no grad) of the response tokens under head(hidden) / temperature.
 
     Only the positions that predict a response token go through the head, `chunk_tokens` at a time, and each
     chunk's fp32 logits are recomputed in backward rather than kept: the full-vocabulary logits of the batch
     never exist at once, whatever the prompt length. The temperature matches the generator's, so current and
     behaviour log-probs are of the same distribution when the weights are equal. Padding entries are 0.
+    fp32_head: the head's matmul itself runs in fp32 when the model is in bf16 (not a bf16 matmul cast after),
+    the train/inference precision fix prime-rl and TRL ship: bf16 logits are off by ~1e-2 at a 150k vocabulary.
     """
     rows, cols = torch.nonzero(resp_mask > 0, as_tuple=True)  # (N,), (N,) one entry per response token
     pos = resp_index[rows, cols]  # (N,) hidden state at pos predicts token pos + 1
     h = hidden[rows, pos]  # (N, H)
     targets = input_ids[rows, pos + 1]  # (N,)
     # At least one chunk, even of zero tokens, so that a batch without response tokens still has a graph.
-    chunks = [_checkpointed(head, h[i:i + chunk_tokens], targets[i:i + chunk_tokens], temperature)
+    chunks = [_checkpointed(head, h[i:i + chunk_tokens], targets[i:i + chunk_tokens], temperature, fp32_head)
               for i in range(0, max(len(h), 1), chunk_tokens)]
     logp_flat = torch.cat([c[0] for c in chunks])  # (N,)
     entropy_flat = torch.cat([c[1] for c in chunks])  # (N,)
@@ -113,14 +152,33 @@ def response_logprobs(hidden: torch.Tensor, head: torch.nn.Module, input_ids: to
     return zeros.index_put((rows, cols), logp_flat), zeros.index_put((rows, cols), entropy_flat)
 
 
-def _checkpointed(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float):
+def _checkpointed(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float, fp32: bool):
     if torch.is_grad_enabled() and h.requires_grad:  # keep h only; the chunk's logits are rebuilt in backward
-        return torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, targets, temperature, use_reentrant=False)
-    return _chunk_logprobs(head, h, targets, temperature)
+        return torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, targets, temperature, fp32,
+                                                 use_reentrant=False)
+    return _chunk_logprobs(head, h, targets, temperature, fp32)
 
 
-def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float):
-    logits = head(h).float() / temperature  # (C, V)
+def head_logits(head: torch.nn.Module, h: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """fp32 logits (C, V) of the head on h (C, H). With fp32 and a low-precision head the matmul itself is fp32.
+
+    The head is still called as a module (its forward swapped for the call's duration), so ZeRO-3's hooks
+    gather its partitioned weight and take its gradient as for any module call."""
+    if not fp32 or head.weight.dtype == torch.float32 or not isinstance(head, torch.nn.Linear):
+        return head(h).float()
+    own = head.__dict__.get("forward")
+    head.forward = lambda x: F.linear(x.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+    try:
+        return head(h)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float, fp32: bool):
+    logits = head_logits(head, h, fp32) / temperature  # (C, V)
     norm = torch.logsumexp(logits, dim=-1)  # (C,)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - norm  # (C,)
     with torch.no_grad():

@@ -26,7 +26,11 @@ class LearnerConfig(BaseModel):
     groups_per_step: int = Field(16, ge=1)
     """Prompt groups in one optimizer step (rows = groups_per_step * actors.n)."""
     micro_batch_groups: int = Field(16, ge=1)
-    """Groups per forward/backward; gradient accumulation covers the rest of the step."""
+    """Groups per forward/backward when max_tokens_per_micro_batch is None; gradient accumulation covers the rest."""
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    """Token budget of one forward/backward: rows (whole groups for dpo, ipo and agro) sorted by length and packed
+    while rows x longest sequence (prompt + response) fits; each micro-batch is padded to its own longest row.
+    None: micro_batch_groups groups at a time. The step's gradient is the same either way."""
     updates_per_batch: int = Field(1, ge=1)
     """Optimizer passes over each sampled batch (PPO epochs); >1 makes proximal log-probs matter."""
     lr: float = Field(3e-4, gt=0)

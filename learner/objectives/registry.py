@@ -38,6 +38,10 @@ class Objective:
     """Default std normalisation of the group advantage when the config leaves it None."""
     needs_reference: Callable[[ObjectiveConfig], bool] = _never
     needs_proximal: bool = False
+    whole_groups: bool = False
+    """A row's loss depends on the current log-probs of the other rows of its group (AGRO's regularised
+    rewards, preference pairs): micro-batches must hold whole groups. Otherwise rows are split freely and the
+    group statistics, functions of the rewards only, come from the whole step (LossInputs.step)."""
 
 
 REGISTRY: dict[str, Objective] = {
@@ -48,8 +52,8 @@ REGISTRY: dict[str, Objective] = {
     "geo_mask": Objective(policy_gradient.geo_mask, "token_sum"),
     "asymre": Objective(policy_gradient.asymre, "token_sum"),
     "kl_pg": Objective(policy_gradient.kl_pg, "token_sum", needs_reference=_always),
-    "agro": Objective(agro.agro, "token_sum", needs_reference=_when_beta),
-    "agro_on_policy": Objective(agro.agro_on_policy, "token_sum", needs_reference=_when_beta),
+    "agro": Objective(agro.agro, "token_sum", needs_reference=_when_beta, whole_groups=True),
+    "agro_on_policy": Objective(agro.agro_on_policy, "token_sum", needs_reference=_when_beta, whole_groups=True),
     "grpo": Objective(ppo_family.grpo, "seq_mean_token_mean", normalize_std=True, needs_reference=_when_beta),
     "dr_grpo": Objective(ppo_family.dr_grpo, "token_sum", needs_reference=_when_beta),
     "ppo": Objective(ppo_family.ppo, "seq_mean_token_mean", needs_reference=_when_beta),
@@ -58,8 +62,8 @@ REGISTRY: dict[str, Objective] = {
     "cispo": Objective(ppo_family.cispo, "token_sum"),
     "rec": Objective(rec.rec, "token_sum"),
     "opmd": Objective(rec.opmd, "token_sum"),
-    "dpo": Objective(preference.dpo, "token_sum", needs_reference=_always),
-    "ipo": Objective(preference.ipo, "token_sum", needs_reference=_always),
+    "dpo": Objective(preference.dpo, "token_sum", needs_reference=_always, whole_groups=True),
+    "ipo": Objective(preference.ipo, "token_sum", needs_reference=_always, whole_groups=True),
 }
 
 # Every metric key compute_loss guarantees, with the value used when an objective has nothing to report.
@@ -80,6 +84,11 @@ def needs_reference(cfg: ObjectiveConfig) -> bool:
 def needs_proximal(cfg: ObjectiveConfig) -> bool:
     """Whether compute_loss needs prox_logp for this config."""
     return _entry(cfg).needs_proximal
+
+
+def needs_whole_groups(cfg: ObjectiveConfig) -> bool:
+    """Whether a micro-batch must hold whole groups for this config (see Objective.whole_groups)."""
+    return _entry(cfg).whole_groups
 
 
 def resolve(cfg: ObjectiveConfig) -> ObjectiveConfig:
