@@ -148,3 +148,81 @@ def test_step_gradient_is_the_same_whatever_the_split(micro_model_dir, dist_env,
             for k in ("groups_3_1", "tokens_20"):
                 diff = float((after[k][key] - after["one"][key]).abs().max())
                 assert diff <= 1e-6 * scale + 1e-7, (name, k, key, diff, scale)
+
+
+def micro_learner(model_dir: str, **kw):
+    from learner.config import LearnerConfig
+    from learner.learner import Learner
+
+    kw.setdefault("objective", config_for("grpo"))
+    return Learner(LearnerConfig(groups_per_step=4, **kw), model_dir, group_size=3, temperature=0.7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_forward_keeps_only_the_last_hidden_state_through_the_engine(micro_model_dir, dist_env, monkeypatch, stage):
+    """The training forward runs the DeepSpeed engine itself (its backward prologue fires in backward) without
+    output_hidden_states, and gives the log-probs of the former every-layer path."""
+    from learner.batch import response_logprobs
+
+    learner = micro_learner(micro_model_dir, zero_stage=stage)
+    module = learner.engine.module
+    mb = to_tensors(ragged_batch(), pad_id=0)
+    seen, prologues = [], []
+    hooks = [module.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True),
+             learner.engine.register_forward_pre_hook(lambda m, a: seen.append("engine"))]
+    prologue = learner.engine._backward_prologue
+    monkeypatch.setattr(learner.engine, "_backward_prologue", lambda: (prologues.append(1), prologue())[1])
+    logp, entropy = learner._forward(learner.engine, mb)
+    for h in hooks:
+        h.remove()
+    assert seen[0] == "engine" and not seen[1].get("output_hidden_states") and seen[1]["logits_to_keep"] == 1
+    old = module(input_ids=mb.input_ids, attention_mask=mb.attention_mask, output_hidden_states=True)
+    want = response_logprobs(old.hidden_states[-1], module.get_output_embeddings(), mb.input_ids, mb.resp_index,
+                             mb.resp_mask, 0.7, 1024)
+    torch.testing.assert_close(logp, want[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy, want[1], atol=1e-6, rtol=0)
+    learner.engine.backward((logp * mb.resp_mask).sum())
+    assert prologues == [1]  # DeepSpeed's hooks on the engine's outputs saw the tensor the loss flows through
+
+
+def test_fp32_head_is_closer_to_fp32_than_a_bf16_matmul():
+    """bf16 hidden states and head: the fp32 matmul's log-probs are far closer to a float64 computation of the
+    same bf16 inputs than the bf16 matmul cast afterwards (the naive path)."""
+    from learner.batch import response_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    B, L, H, V = 2, 40, 256, 2000
+    hidden = torch.randn(B, L, H, generator=gen).to(torch.bfloat16)  # (B, L, H)
+    head = torch.nn.Linear(H, V, bias=False)
+    head.weight.data = (torch.randn(V, H, generator=gen) * 0.3).to(torch.bfloat16)  # logits of a few units
+    input_ids = torch.randint(0, V, (B, L), generator=gen)
+    resp_index = torch.arange(10, 39).expand(B, -1)  # (B, T)
+    mask = torch.ones(resp_index.shape)
+    logits64 = hidden.double() @ head.weight.double().T  # (B, L, V)
+    exact = torch.log_softmax(logits64, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1).gather(1, resp_index)
+    fp32, _ = response_logprobs(hidden, head, input_ids, resp_index, mask, 1.0, 16, fp32_head=True)
+    naive, _ = response_logprobs(hidden, head, input_ids, resp_index, mask, 1.0, 16, fp32_head=False)
+    err_fp32, err_naive = float((fp32.detach().double() - exact).abs().max()), float((naive.detach().double() - exact).abs().max())
+    assert err_fp32 < 1e-4 and err_naive > 20 * err_fp32, (err_fp32, err_naive)
+    assert head.weight.dtype == torch.bfloat16 and "forward" not in head.__dict__  # the swap is undone
+
+
+@pytest.mark.slow
+def test_zero3_reference_is_partitioned_and_gives_the_plain_log_probs(micro_model_dir, dist_env):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from transformers import AutoModelForCausalLM
+
+    learner = micro_learner(micro_model_dir, zero_stage=3, zero3_persistence_threshold=0, track_ref_kl=True)
+    params = list(learner.ref.module.parameters())
+    assert params and all(hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in params)
+    assert all(p.numel() == 0 for p in params)  # nothing gathered outside a forward pass
+    full = to_tensors(ragged_batch(), pad_id=0)
+    plan = learner._plan(full)
+    got = learner._frozen_logp(learner.ref, full, plan)
+    plain = AutoModelForCausalLM.from_pretrained(micro_model_dir, dtype=torch.float32).eval()
+    want = learner._frozen_logp(plain, full, plan)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert float(got.abs().sum()) > 0
+    metrics = learner.train_step(ragged_batch())  # a whole step: kl_to_ref from the partitioned reference
+    assert metrics["kl_to_ref"] == pytest.approx(0.0, abs=1e-6)  # the policy before its first update is the ref
