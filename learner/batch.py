@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+if TYPE_CHECKING:  # imported where used: the learner's tensor path runs without pyarrow (benchmarks/learner_memory)
+    import pyarrow as pa
 
 
 @dataclass
@@ -66,6 +69,8 @@ def micro_batches(batch: TrainBatch, groups_per_micro: int, max_tokens: int | No
 
 def shard_groups(batch: pa.RecordBatch, rank: int, world_size: int) -> pa.RecordBatch:
     """This rank's whole groups: group k of the batch goes to rank k % world_size."""
+    import pyarrow as pa
+
     group_ids = batch.column("group_id").to_pylist()
     order = {g: i for i, g in enumerate(dict.fromkeys(group_ids))}
     keep = [i for i, g in enumerate(group_ids) if order[g] % world_size == rank]
@@ -153,10 +158,19 @@ def response_logprobs(hidden: torch.Tensor, head: torch.nn.Module, input_ids: to
 
 
 def _checkpointed(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float, fp32: bool):
-    if torch.is_grad_enabled() and h.requires_grad:  # keep h only; the chunk's logits are rebuilt in backward
-        return torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, targets, temperature, fp32,
-                                                 use_reentrant=False)
-    return _chunk_logprobs(head, h, targets, temperature, fp32)
+    if not (torch.is_grad_enabled() and h.requires_grad):
+        return _chunk_logprobs(head, h, targets, temperature, fp32, True)
+    # Keep h only; the chunk's logits are rebuilt in backward. The entropy (no grad) is computed in the first
+    # pass only: the recomputation in backward skips it.
+    entropy: list[torch.Tensor] = []
+
+    def logp_only(h: torch.Tensor) -> torch.Tensor:
+        logp, ent = _chunk_logprobs(head, h, targets, temperature, fp32, not entropy)
+        entropy.append(ent)
+        return logp
+
+    logp = torch.utils.checkpoint.checkpoint(logp_only, h, use_reentrant=False)
+    return logp, entropy[0]
 
 
 def head_logits(head: torch.nn.Module, h: torch.Tensor, fp32: bool) -> torch.Tensor:
@@ -177,10 +191,13 @@ def head_logits(head: torch.nn.Module, h: torch.Tensor, fp32: bool) -> torch.Ten
             head.forward = own
 
 
-def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float, fp32: bool):
+def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float, fp32: bool,
+                    with_entropy: bool):
     logits = head_logits(head, h, fp32) / temperature  # (C, V)
     norm = torch.logsumexp(logits, dim=-1)  # (C,)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - norm  # (C,)
+    if not with_entropy:
+        return logp, None
     with torch.no_grad():
         entropy = norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (C,) H = log Z - E_p[logit]
     return logp, entropy

@@ -10,8 +10,8 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
 import torch
 
 from common.seeding import seed_everything
@@ -22,6 +22,9 @@ from learner.objectives import (LossInputs, compute_loss, needs_proximal, needs_
 from learner.objectives.config import READS
 from learner.objectives.registry import resolve
 from learner.safe_state import SafetensorsCheckpointEngine
+
+if TYPE_CHECKING:  # pyarrow only for the type: the learner benchmark runs on torch, transformers and DeepSpeed alone
+    import pyarrow as pa
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "generation_config.json", "chat_template.jinja")
@@ -159,7 +162,11 @@ class Learner:
     def train_step(self, batch: pa.RecordBatch) -> dict[str, float]:
         """One optimizer step (or `updates_per_batch`) on this rank's groups of `batch`; returns rank-averaged metrics."""
         t0 = time.perf_counter()
-        full = to_tensors(shard_groups(batch, self.rank, self.world_size), self.pad_id)
+        return self.train_tensors(to_tensors(shard_groups(batch, self.rank, self.world_size), self.pad_id), t0)
+
+    def train_tensors(self, full: TrainBatch, t0: float | None = None) -> dict[str, float]:
+        """train_step on this rank's rows as tensors; `t0` is when the step started (for learner_step_s)."""
+        t0 = time.perf_counter() if t0 is None else t0
         plan = self._plan(full)
         ref_logp = self._frozen_logp(self.ref, full, plan) if self.ref is not None else None
         prox_logp = None
