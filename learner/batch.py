@@ -191,13 +191,33 @@ def head_logits(head: torch.nn.Module, h: torch.Tensor, fp32: bool) -> torch.Ten
             head.forward = own
 
 
+class _TargetLogprob(torch.autograd.Function):
+    """log softmax(logits)[target] (C,) from fp32 logits (C, V), with a lean backward.
+
+    Autograd's logsumexp - gather chain builds its gradient in ~6 passes over (C, V) (a zero fill and scatter,
+    exp, sub, div, add); the closed form g * (onehot - softmax) takes three."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
+        norm = torch.logsumexp(logits, dim=-1)  # (C,)
+        ctx.save_for_backward(logits, targets, norm)
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - norm, norm
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_norm):
+        logits, targets, norm = ctx.saved_tensors
+        grad_logits = logits.sub(norm[:, None]).exp_().mul_(-grad[:, None])  # (C, V) -g * softmax
+        return grad_logits.scatter_add_(1, targets[:, None], grad[:, None]), None
+
+
 def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float, fp32: bool,
                     with_entropy: bool):
-    logits = head_logits(head, h, fp32) / temperature  # (C, V)
-    norm = torch.logsumexp(logits, dim=-1)  # (C,)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - norm  # (C,)
+    # logits / T as (h / T) W^T: the division touches (C, H), not (C, V)
+    logits = head_logits(head, h / temperature if temperature != 1.0 else h, fp32)  # (C, V)
+    logp, norm = _TargetLogprob.apply(logits, targets)  # (C,), (C,)
     if not with_entropy:
         return logp, None
     with torch.no_grad():
-        entropy = norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (C,) H = log Z - E_p[logit]
+        probs = logits.sub(norm[:, None]).exp_()  # (C, V)
+        entropy = norm - (probs * logits).sum(-1)  # (C,) H = log Z - E_p[logit]
     return logp, entropy

@@ -226,3 +226,29 @@ def test_zero3_reference_is_partitioned_and_gives_the_plain_log_probs(micro_mode
     assert float(got.abs().sum()) > 0
     metrics = learner.train_step(ragged_batch())  # a whole step: kl_to_ref from the partitioned reference
     assert metrics["kl_to_ref"] == pytest.approx(0.0, abs=1e-6)  # the policy before its first update is the ref
+
+
+def test_chunked_logprobs_and_their_gradient_equal_the_full_log_softmax():
+    """The chunked head (temperature folded into h, closed-form backward, chunks of 7 tokens) against
+    log_softmax over the full (B, L, V) logits: values, entropies and gradients w.r.t. hidden and head."""
+    from learner.batch import response_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    B, L, H, V = 3, 20, 16, 50
+    hidden = torch.randn(B, L, H, generator=gen, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False)
+    input_ids = torch.randint(0, V, (B, L), generator=gen)
+    resp_index = torch.arange(4, 19).expand(B, -1).clone()  # (B, T)
+    mask = torch.ones(resp_index.shape)
+    mask[1, 9:] = 0.0
+    weights = torch.randn(resp_index.shape, generator=gen)  # a loss that is not a plain sum
+    logp, entropy = response_logprobs(hidden, head, input_ids, resp_index, mask, 0.7, 7)
+    got = torch.autograd.grad((logp * weights * mask).sum(), (hidden, head.weight))
+    logp_all = torch.log_softmax(head(hidden)[:, :-1] / 0.7, -1)  # (B, L-1, V)
+    want_logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1).gather(1, resp_index)  # (B, T)
+    want_entropy = -(logp_all.exp() * logp_all).sum(-1).gather(1, resp_index)
+    want = torch.autograd.grad((want_logp * weights * mask).sum(), (hidden, head.weight))
+    torch.testing.assert_close(logp, want_logp * mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, want_entropy.detach() * mask, atol=1e-5, rtol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
