@@ -173,15 +173,23 @@ def _checkpointed(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor,
     return logp, entropy[0]
 
 
-def head_logits(head: torch.nn.Module, h: torch.Tensor, fp32: bool) -> torch.Tensor:
-    """fp32 logits (C, V) of the head on h (C, H). With fp32 and a low-precision head the matmul itself is fp32.
+def head_logits(head: torch.nn.Module, h: torch.Tensor, fp32: bool, temperature: float = 1.0) -> torch.Tensor:
+    """fp32 logits / temperature (C, V) of the head on h (C, H). With fp32 and a low-precision head the matmul
+    itself is fp32. The temperature divides h once it is fp32 ((h / T) W^T touches (C, H), not (C, V)).
 
     The head is still called as a module (its forward swapped for the call's duration), so ZeRO-3's hooks
     gather its partitioned weight and take its gradient as for any module call."""
-    if not fp32 or head.weight.dtype == torch.float32 or not isinstance(head, torch.nn.Linear):
-        return head(h).float()
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        return x if temperature == 1.0 else x / temperature
+
+    low_precision = head.weight.dtype != torch.float32
+    if not low_precision and h.dtype == torch.float32:
+        return head(scaled(h))
+    if not fp32 or not isinstance(head, torch.nn.Linear):
+        return scaled(head(h).float())  # the matmul in the model's precision, cast after
     own = head.__dict__.get("forward")
-    head.forward = lambda x: F.linear(x.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+    head.forward = lambda x: F.linear(scaled(x.float()), head.weight.float(),
+                                      None if head.bias is None else head.bias.float())
     try:
         return head(h)
     finally:
@@ -212,8 +220,7 @@ class _TargetLogprob(torch.autograd.Function):
 
 def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float, fp32: bool,
                     with_entropy: bool):
-    # logits / T as (h / T) W^T: the division touches (C, H), not (C, V)
-    logits = head_logits(head, h / temperature if temperature != 1.0 else h, fp32)  # (C, V)
+    logits = head_logits(head, h, fp32, temperature)  # (C, V)
     logp, norm = _TargetLogprob.apply(logits, targets)  # (C,), (C,)
     if not with_entropy:
         return logp, None
