@@ -158,7 +158,8 @@ def child(args) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"path": args.path, "length": args.length, "rows": args.rows, "step_s": round(secs, 3),
             "tokens": tokens, "tokens_per_s": round(tokens / secs, 1), "peak_gib": round(peak / 2**30, 3),
-            "params": params, "mfu": round(6 * params * tokens / secs / args.peak_flops, 4)}
+            "params": params, "mfu": round(6 * params * tokens / secs / args.peak_flops, 4),
+            "heavy_imports": sorted({m.split(".")[0] for m in sys.modules} & {"ray", "vllm", "pyarrow"})}
 
 
 def measure(model: str, lengths, rows: int, device: str = "cpu", dtype: str = "float32", extra: tuple = ()) -> list[dict]:
@@ -180,7 +181,8 @@ def measure(model: str, lengths, rows: int, device: str = "cpu", dtype: str = "f
                         "relay_tokens_s": r["tokens_per_s"], "full_tokens_s": f["tokens_per_s"],
                         "speed_ratio": round(r["tokens_per_s"] / f["tokens_per_s"], 3),
                         "relay_step_s": r["step_s"], "full_step_s": f["step_s"], "relay_mfu": r["mfu"],
-                        "full_mfu": f["mfu"], "params": r["params"]})
+                        "full_mfu": f["mfu"], "params": r["params"],
+                        "heavy_imports": sorted(set(r["heavy_imports"]) | set(f["heavy_imports"]))})
         print(json.dumps(samples[-1]), file=sys.stderr, flush=True)
     return samples
 
@@ -197,8 +199,8 @@ def rows_from(samples: list[dict], config: dict) -> list[dict]:
 
 
 def run(quick: bool) -> list[dict]:
-    """For benchmarks.run: the bench model at 256, 1024 and 4096 tokens (quick: a small model, 64 and 256)."""
-    model, lengths = ("quick", (64, 256)) if quick else ("bench", LENGTHS)
+    """For benchmarks.run: the bench model at 256, 1024 and 4096 tokens (quick: a small model at 128)."""
+    model, lengths = ("quick", (128,)) if quick else ("bench", LENGTHS)
     rows = 1  # the straightforward path at 4096 tokens holds ~10 GB of fp32 logits per row: 1 row on 24 GiB
     samples = measure(model, lengths, rows)
     return rows_from(samples, {"model": model, "shape": SHAPES[model], "vocab": VOCAB, "prompt_len": PROMPT_LEN,
@@ -207,14 +209,14 @@ def run(quick: bool) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the small model at 64 and 256 tokens")
+    parser.add_argument("--quick", action="store_true", help="the small model at 128 tokens")
     parser.add_argument("--model", choices=sorted(SHAPES), default=None)
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
     parser.add_argument("--rows", type=int, default=1, help="rows of the step (responses length, length/2, length/4...)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="for MFU (default H100/H200 bf16)")
-    parser.add_argument("--chunk-tokens", type=int, default=1024, help="learner.logprob_chunk_tokens")
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="learner.logprob_chunk_tokens")
     parser.add_argument("--micro-tokens", type=int, default=None, help="learner.max_tokens_per_micro_batch")
     parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN)
     parser.add_argument("--child", choices=("full", "relay"), help=argparse.SUPPRESS)
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         args.path = args.child
         print(json.dumps(child(args)))
         return
-    lengths = args.lengths or ((64, 256) if args.quick else LENGTHS)
+    lengths = args.lengths or ((128,) if args.quick else LENGTHS)
     extra = ("--peak-flops", str(args.peak_flops), "--chunk-tokens", str(args.chunk_tokens), "--prompt-len",
              str(args.prompt_len), *(("--micro-tokens", str(args.micro_tokens)) if args.micro_tokens else ()))
     samples = measure(args.model, lengths, args.rows, args.device, args.dtype, extra)

@@ -225,6 +225,6 @@ def _chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tenso
     if not with_entropy:
         return logp, None
     with torch.no_grad():
-        probs = logits.sub(norm[:, None]).exp_()  # (C, V)
-        entropy = norm - (probs * logits).sum(-1)  # (C,) H = log Z - E_p[logit]
+        weighted = logits.sub(norm[:, None]).exp_().mul_(logits)  # (C, V) p * logit, one buffer
+        entropy = norm - weighted.sum(-1)  # (C,) H = log Z - E_p[logit]
     return logp, entropy

@@ -57,8 +57,9 @@ class LearnerConfig(BaseModel):
     gradient_checkpointing: bool = False
     """Recompute each transformer layer's activations in backward instead of keeping them (transformers'
     gradient_checkpointing_enable): less memory on long sequences for about one more forward pass."""
-    logprob_chunk_tokens: int = Field(1024, ge=1)
-    """Response tokens whose full-vocabulary logits are computed at once (and rebuilt in backward)."""
+    logprob_chunk_tokens: int = Field(256, ge=1)
+    """Response tokens whose full-vocabulary logits are computed at once (and rebuilt in backward). Each chunk
+    holds up to three fp32 (tokens, vocabulary) buffers: 256 x 151,936 x 4 B = 156 MB each for Qwen's vocabulary."""
     checkpoint_every: int = Field(200, ge=0)
     """Save a resumable checkpoint (learner, weights, buffer, data position) every k steps; 0 = never."""
     checkpoint_keep: int = Field(2, ge=1)

@@ -89,6 +89,9 @@ class Learner:
             config=deepspeed_config(cfg, self.rows_per_micro),
         )
         self.engine.checkpoint_engine = SafetensorsCheckpointEngine()  # resumable state without pickles
+        if world_size == 1 and cfg.zero_stage == 0:  # ZeRO 1-3 finalise their partitions in the same call
+            # One rank: DeepSpeed's all-reduce would flatten, divide by 1 and copy back every gradient per step.
+            self.engine.enable_backward_allreduce = False
         self.engine.train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
         self.ref = None
         if needs_reference(cfg.objective) or cfg.track_ref_kl:
