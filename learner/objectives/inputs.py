@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 
@@ -26,15 +25,6 @@ class StepContext:
     def at(self, rows: Tensor) -> "StepContext":
         return StepContext(self.rewards, self.group_ids, rows.to(self.rewards.device), self.n_rows, self.live_rows,
                            self.pairs)
-
-
-def step_context(rewards: Tensor, group_ids: Tensor, mask: Tensor) -> StepContext:
-    """The step's context from its rewards (S,), group ids (S,) and response mask (S, T)."""
-    from learner.objectives.preference import best_worst_pairs  # preference imports this module
-
-    chosen, _, _ = best_worst_pairs(rewards, group_ids)
-    return StepContext(rewards, group_ids, torch.arange(len(rewards), device=rewards.device), len(rewards),
-                       int((mask.sum(-1) > 0).sum()), len(chosen))
 
 
 @dataclass

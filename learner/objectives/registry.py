@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from learner.objectives import agro, policy_gradient, ppo_family, preference, rec
 from learner.objectives.common import shared_metrics
 from learner.objectives.config import ObjectiveConfig
-from learner.objectives.inputs import LossInputs, check_inputs
+from learner.objectives.inputs import LossInputs, StepContext, check_inputs
+from learner.objectives.preference import best_worst_pairs
 
 ObjectiveFn = Callable[[ObjectiveConfig, LossInputs], tuple[Tensor, dict[str, float]]]
 
@@ -89,6 +91,13 @@ def needs_proximal(cfg: ObjectiveConfig) -> bool:
 def needs_whole_groups(cfg: ObjectiveConfig) -> bool:
     """Whether a micro-batch must hold whole groups for this config (see Objective.whole_groups)."""
     return _entry(cfg).whole_groups
+
+
+def step_context(rewards: Tensor, group_ids: Tensor, mask: Tensor) -> StepContext:
+    """The context of a step from its rewards (S,), group ids (S,) and response mask (S, T)."""
+    chosen, _, _ = best_worst_pairs(rewards, group_ids)
+    return StepContext(rewards, group_ids, torch.arange(len(rewards), device=rewards.device), len(rewards),
+                       int((mask.sum(-1) > 0).sum()), len(chosen))
 
 
 def resolve(cfg: ObjectiveConfig) -> ObjectiveConfig:
