@@ -99,7 +99,8 @@ def relay_step_fn(args, model_dir: str, batch):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     cfg = LearnerConfig(groups_per_step=1, micro_batch_groups=1, num_gpus=1 if args.device == "cuda" else 0,
-                        dtype=args.dtype, lr=1e-6, gradient_checkpointing=True, logprob_chunk_tokens=args.chunk_tokens,
+                        dtype=args.dtype, lr=1e-6, gradient_checkpointing=args.checkpointing,
+                        logprob_chunk_tokens=args.chunk_tokens,
                         max_tokens_per_micro_batch=args.micro_tokens,
                         objective=ObjectiveConfig(name="grpo"))
     learner = Learner(cfg, model_dir, group_size=len(batch), temperature=1.0)
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="for MFU (default H100/H200 bf16)")
     parser.add_argument("--chunk-tokens", type=int, default=256, help="learner.logprob_chunk_tokens")
     parser.add_argument("--micro-tokens", type=int, default=None, help="learner.max_tokens_per_micro_batch")
+    parser.add_argument("--checkpointing", action="store_true", help="learner.gradient_checkpointing for Relay's path")
     parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN)
     parser.add_argument("--child", choices=("full", "relay"), help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     lengths = args.lengths or ((128,) if args.quick else LENGTHS)
     extra = ("--peak-flops", str(args.peak_flops), "--chunk-tokens", str(args.chunk_tokens), "--prompt-len",
-             str(args.prompt_len), *(("--micro-tokens", str(args.micro_tokens)) if args.micro_tokens else ()))
+             str(args.prompt_len), *(("--micro-tokens", str(args.micro_tokens)) if args.micro_tokens else ()),
+             *(("--checkpointing",) if args.checkpointing else ()))
     samples = measure(args.model, lengths, args.rows, args.device, args.dtype, extra)
     print(json.dumps(rows_from(samples, {"model": args.model, "rows": args.rows, "device": args.device,
                                          "dtype": args.dtype, "peak_flops": args.peak_flops}), indent=1))

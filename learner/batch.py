@@ -149,12 +149,64 @@ def response_logprobs(hidden: torch.Tensor, head: torch.nn.Module, input_ids: to
     h = hidden[rows, pos]  # (N, H)
     targets = input_ids[rows, pos + 1]  # (N,)
     # At least one chunk, even of zero tokens, so that a batch without response tokens still has a graph.
-    chunks = [_checkpointed(head, h[i:i + chunk_tokens], targets[i:i + chunk_tokens], temperature, fp32_head)
+    chunk = _checkpointed if hasattr(head.weight, "ds_id") or not isinstance(head, torch.nn.Linear) else _lean
+    chunks = [chunk(head, h[i:i + chunk_tokens], targets[i:i + chunk_tokens], temperature, fp32_head)
               for i in range(0, max(len(h), 1), chunk_tokens)]
     logp_flat = torch.cat([c[0] for c in chunks])  # (N,)
     entropy_flat = torch.cat([c[1] for c in chunks])  # (N,)
     zeros = torch.zeros(resp_mask.shape, dtype=torch.float32, device=hidden.device)  # (B, T)
     return zeros.index_put((rows, cols), logp_flat), zeros.index_put((rows, cols), entropy_flat)
+
+
+def _lean(head: torch.nn.Linear, h: torch.Tensor, targets: torch.Tensor, temperature: float, fp32: bool):
+    with_entropy = True
+    return _HeadChunk.apply(h, head.weight, head.bias, targets, temperature, fp32, with_entropy)
+
+
+class _HeadChunk(torch.autograd.Function):
+    """Log-probs of `targets` (C,) and entropies (C,) under a linear head on h (C, H), keeping only h.
+
+    For a full (not ZeRO-3 partitioned) head weight. Backward rebuilds the chunk's logits once and turns them in
+    place into g * (onehot - softmax): three head matmuls in backward (logits, grad h, grad W) and one (C, V)
+    buffer, where checkpointing the chunk would also redo the log-sum-exp and autograd's gather / logsumexp
+    backward take several more (C, V) passes."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, temperature, fp32, with_entropy):
+        logits = _HeadChunk.logits(h, weight, bias, temperature, fp32)  # (C, V) fp32
+        norm = torch.logsumexp(logits, dim=-1)  # (C,)
+        logp = logits.gather(-1, targets[:, None]).squeeze(-1) - norm  # (C,)
+        entropy = None
+        if with_entropy:
+            entropy = norm - logits.sub(norm[:, None]).exp_().mul_(logits).sum(-1)  # H = log Z - E_p[logit]
+        ctx.save_for_backward(h, weight, bias, targets, norm)
+        ctx.temperature, ctx.fp32 = temperature, fp32
+        ctx.mark_non_differentiable(*(t for t in (entropy,) if t is not None))
+        return logp, entropy
+
+    @staticmethod
+    def logits(h, weight, bias, temperature, fp32):
+        dtype = torch.float32 if fp32 else weight.dtype
+        x = h.to(dtype) / temperature if temperature != 1.0 else h.to(dtype)
+        return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype)).float()
+
+    @staticmethod
+    def backward(ctx, grad, _grad_entropy):
+        h, weight, bias, targets, norm = ctx.saved_tensors
+        logits = _HeadChunk.logits(h, weight, bias, ctx.temperature, ctx.fp32)  # (C, V)
+        grad_logits = logits.sub_(norm[:, None]).exp_().mul_(-grad[:, None])  # (C, V) -g * softmax
+        grad_logits.scatter_add_(1, targets[:, None], grad[:, None])  # + g * onehot
+        dtype = torch.float32 if ctx.fp32 else weight.dtype
+        grad_logits = grad_logits.to(dtype)
+        x = h.to(dtype) / ctx.temperature if ctx.temperature != 1.0 else h.to(dtype)
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = (grad_logits @ weight.to(dtype)).div_(ctx.temperature).to(h.dtype)  # (C, H)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_logits.T @ x).to(weight.dtype)  # (V, H)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_b = grad_logits.sum(0).to(bias.dtype)  # (V,)
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def _checkpointed(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float, fp32: bool):
