@@ -99,7 +99,7 @@ def relay_step_fn(args, model_dir: str, batch):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     cfg = LearnerConfig(groups_per_step=1, micro_batch_groups=1, num_gpus=1 if args.device == "cuda" else 0,
-                        dtype=args.dtype, lr=1e-6, gradient_checkpointing=args.checkpointing,
+                        dtype=args.dtype, lr=1e-6, gradient_checkpointing=getattr(args, "checkpointing", False),
                         logprob_chunk_tokens=args.chunk_tokens,
                         max_tokens_per_micro_batch=args.micro_tokens,
                         objective=ObjectiveConfig(name="grpo"))
