@@ -9,7 +9,8 @@ and its exp for the entropy, every row padded to the step's longest, no checkpoi
 
 Each (path, length) runs in a fresh subprocess, so its peak is its own: the process's high-water resident
 memory (ru_maxrss) on CPU, the CUDA allocator's peak on a GPU. Both paths take a warm-up step (the first
-allocates the optimizer state) and time the second. tokens/s counts the non-padding tokens of the forward
+allocates the optimizer state) and time the second; each path runs `--repeats` times per length (2; alternating
+order), medians reported. tokens/s counts the non-padding tokens of the forward
 pass (prompt + response); MFU = 6 * params * tokens/s / peak FLOP/s (recomputation not counted, as usual).
 
 Runs on torch, transformers, DeepSpeed and pydantic alone (no Ray, vLLM or pyarrow), e.g. on one GPU:
@@ -24,6 +25,7 @@ import json
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -163,27 +165,31 @@ def child(args) -> dict:
             "heavy_imports": sorted({m.split(".")[0] for m in sys.modules} & {"ray", "vllm", "pyarrow"})}
 
 
-def measure(model: str, lengths, rows: int, device: str = "cpu", dtype: str = "float32", extra: tuple = ()) -> list[dict]:
-    """Per length, both paths, each in a fresh subprocess: one sample per length."""
+def measure(model: str, lengths, rows: int, device: str = "cpu", dtype: str = "float32", extra: tuple = (),
+            repeats: int = 1) -> list[dict]:
+    """Per length, both paths, each in a fresh subprocess, `repeats` times in alternating order (the machines are
+    shared: a neighbour's burst should not land on one path only); medians; one sample per length."""
     build_model(model)  # once, before the children race to build it
     samples = []
     for length in lengths:
-        got = {}
-        for path in ("full", "relay"):
-            cmd = [sys.executable, "-m", "benchmarks.learner_memory", "--child", path, "--length", str(length),
-                   "--rows", str(rows), "--model", model, "--device", device, "--dtype", dtype, *extra]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-            if proc.returncode != 0:
-                raise RuntimeError(f"learner_memory {path} at {length} tokens failed: {proc.stderr[-2000:]}")
-            got[path] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r, f = got["relay"], got["full"]
-        samples.append({"length": length, "rows": rows, "relay_peak_gib": r["peak_gib"], "full_peak_gib": f["peak_gib"],
-                        "memory_ratio": round(r["peak_gib"] / f["peak_gib"], 3),
+        got: dict[str, list[dict]] = {"full": [], "relay": []}
+        for k in range(repeats):
+            for path in ("full", "relay") if k % 2 == 0 else ("relay", "full"):
+                cmd = [sys.executable, "-m", "benchmarks.learner_memory", "--child", path, "--length", str(length),
+                       "--rows", str(rows), "--model", model, "--device", device, "--dtype", dtype, *extra]
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"learner_memory {path} at {length} tokens failed: {proc.stderr[-2000:]}")
+                got[path].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r, f = ({k: statistics.median(x[k] for x in got[path]) for k in ("peak_gib", "tokens_per_s", "step_s", "mfu")}
+                for path in ("relay", "full"))
+        samples.append({"length": length, "rows": rows, "repeats": repeats, "relay_peak_gib": r["peak_gib"],
+                        "full_peak_gib": f["peak_gib"], "memory_ratio": round(r["peak_gib"] / f["peak_gib"], 3),
                         "relay_tokens_s": r["tokens_per_s"], "full_tokens_s": f["tokens_per_s"],
                         "speed_ratio": round(r["tokens_per_s"] / f["tokens_per_s"], 3),
                         "relay_step_s": r["step_s"], "full_step_s": f["step_s"], "relay_mfu": r["mfu"],
-                        "full_mfu": f["mfu"], "params": r["params"],
-                        "heavy_imports": sorted(set(r["heavy_imports"]) | set(f["heavy_imports"]))})
+                        "full_mfu": f["mfu"], "params": got["relay"][0]["params"],
+                        "heavy_imports": sorted({m for x in got["relay"] + got["full"] for m in x["heavy_imports"]})})
         print(json.dumps(samples[-1]), file=sys.stderr, flush=True)
     return samples
 
@@ -203,7 +209,7 @@ def run(quick: bool) -> list[dict]:
     """For benchmarks.run: the bench model at 256, 1024 and 4096 tokens (quick: a small model at 128)."""
     model, lengths = ("quick", (128,)) if quick else ("bench", LENGTHS)
     rows = 1  # the straightforward path at 4096 tokens holds ~10 GB of fp32 logits per row: 1 row on 24 GiB
-    samples = measure(model, lengths, rows)
+    samples = measure(model, lengths, rows, repeats=1 if quick else 2)
     return rows_from(samples, {"model": model, "shape": SHAPES[model], "vocab": VOCAB, "prompt_len": PROMPT_LEN,
                                "rows": rows, "device": "cpu", "dtype": "float32"})
 
@@ -221,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-tokens", type=int, default=None, help="learner.max_tokens_per_micro_batch")
     parser.add_argument("--checkpointing", action="store_true", help="learner.gradient_checkpointing for Relay's path")
     parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN)
+    parser.add_argument("--repeats", type=int, default=None, help="runs of each path per length (default 2; quick 1)")
     parser.add_argument("--child", choices=("full", "relay"), help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -233,9 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     extra = ("--peak-flops", str(args.peak_flops), "--chunk-tokens", str(args.chunk_tokens), "--prompt-len",
              str(args.prompt_len), *(("--micro-tokens", str(args.micro_tokens)) if args.micro_tokens else ()),
              *(("--checkpointing",) if args.checkpointing else ()))
-    samples = measure(args.model, lengths, args.rows, args.device, args.dtype, extra)
+    repeats = args.repeats or (1 if args.quick else 2)
+    samples = measure(args.model, lengths, args.rows, args.device, args.dtype, extra, repeats)
     print(json.dumps(rows_from(samples, {"model": args.model, "rows": args.rows, "device": args.device,
-                                         "dtype": args.dtype, "peak_flops": args.peak_flops}), indent=1))
+                                         "dtype": args.dtype, "peak_flops": args.peak_flops, "repeats": repeats}),
+                     indent=1))
 
 
 if __name__ == "__main__":
