@@ -3,7 +3,8 @@
 A Qwen2-shaped model with Qwen's 151,936-token vocabulary, built from its config (random weights, no
 download), trains one step on responses of 256, 1,024 and 4,096 tokens (plus a 64-token prompt) through
 Relay's `Learner` (DeepSpeed; log-probs from the response span's hidden states in chunks of tokens, the
-chunk's logits rebuilt in backward; gradient checkpointing; each micro-batch padded to its own longest row),
+chunk's logits rebuilt in backward; each micro-batch padded to its own longest row; `--checkpointing` adds
+gradient checkpointing),
 and through the straightforward path: the causal LM's full (B, L, V) logits, an fp32 log-softmax over them
 and its exp for the entropy, every row padded to the step's longest, no checkpointing, torch AdamW.
 
