@@ -174,11 +174,14 @@ class _HeadChunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, temperature, fp32, with_entropy):
         logits = _HeadChunk.logits(h, weight, bias, temperature, fp32)  # (C, V) fp32
-        norm = torch.logsumexp(logits, dim=-1)  # (C,)
+        top = logits.amax(-1, keepdim=True)  # (C, 1)
+        unnorm = logits.sub(top).exp_()  # (C, V) one buffer for the normaliser and the entropy
+        total = unnorm.sum(-1)  # (C,)
+        norm = top.squeeze(-1) + total.log()  # (C,) log Z
         logp = logits.gather(-1, targets[:, None]).squeeze(-1) - norm  # (C,)
         entropy = None
         if with_entropy:
-            entropy = norm - logits.sub(norm[:, None]).exp_().mul_(logits).sum(-1)  # H = log Z - E_p[logit]
+            entropy = norm - unnorm.mul_(logits).sum(-1) / total  # (C,) H = log Z - E_p[logit]
         ctx.save_for_backward(h, weight, bias, targets, norm)
         ctx.temperature, ctx.fp32 = temperature, fp32
         ctx.mark_non_differentiable(*(t for t in (entropy,) if t is not None))
