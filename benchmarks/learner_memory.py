@@ -182,7 +182,8 @@ def measure(model: str, lengths, rows: int, device: str = "cpu", dtype: str = "f
                 if proc.returncode != 0:
                     raise RuntimeError(f"learner_memory {path} at {length} tokens failed: {proc.stderr[-2000:]}")
                 got[path].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r, f = ({k: statistics.median(x[k] for x in got[path]) for k in ("peak_gib", "tokens_per_s", "step_s", "mfu")}
+        r, f = ({k: round(statistics.median(x[k] for x in got[path]), 4) for k in ("peak_gib", "tokens_per_s", "step_s",
+                                                                                  "mfu")}
                 for path in ("relay", "full"))
         samples.append({"length": length, "rows": rows, "repeats": repeats, "relay_peak_gib": r["peak_gib"],
                         "full_peak_gib": f["peak_gib"], "memory_ratio": round(r["peak_gib"] / f["peak_gib"], 3),
