@@ -162,7 +162,7 @@ def child(args) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"path": args.path, "length": args.length, "rows": args.rows, "step_s": round(secs, 3),
             "tokens": tokens, "tokens_per_s": round(tokens / secs, 1), "peak_gib": round(peak / 2**30, 3),
-            "params": params, "mfu": round(6 * params * tokens / secs / args.peak_flops, 4),
+            "params": params, "mfu": float(f"{6 * params * tokens / secs / args.peak_flops:.4g}"),
             "heavy_imports": sorted({m.split(".")[0] for m in sys.modules} & {"ray", "vllm", "pyarrow"})}
 
 
@@ -182,8 +182,8 @@ def measure(model: str, lengths, rows: int, device: str = "cpu", dtype: str = "f
                 if proc.returncode != 0:
                     raise RuntimeError(f"learner_memory {path} at {length} tokens failed: {proc.stderr[-2000:]}")
                 got[path].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r, f = ({k: round(statistics.median(x[k] for x in got[path]), 4) for k in ("peak_gib", "tokens_per_s", "step_s",
-                                                                                  "mfu")}
+        r, f = ({k: float(f"{statistics.median(x[k] for x in got[path]):.4g}")
+                 for k in ("peak_gib", "tokens_per_s", "step_s", "mfu")}
                 for path in ("relay", "full"))
         samples.append({"length": length, "rows": rows, "repeats": repeats, "relay_peak_gib": r["peak_gib"],
                         "full_peak_gib": f["peak_gib"], "memory_ratio": round(r["peak_gib"] / f["peak_gib"], 3),
