@@ -205,6 +205,9 @@ def test_fp32_head_is_closer_to_fp32_than_a_bf16_matmul():
     naive, _ = response_logprobs(hidden, head, input_ids, resp_index, mask, 1.0, 16, fp32_head=False)
     err_fp32, err_naive = float((fp32.detach().double() - exact).abs().max()), float((naive.detach().double() - exact).abs().max())
     assert err_fp32 < 1e-4 and err_naive > 20 * err_fp32, (err_fp32, err_naive)
+    head.weight.ds_id = 0  # as if ZeRO-3 partitioned it: the head is called as a module (its forward swapped)
+    swapped, _ = response_logprobs(hidden.requires_grad_(True), head, input_ids, resp_index, mask, 1.0, 16, fp32_head=True)
+    assert float((swapped.detach().double() - exact).abs().max()) < 1e-4
     assert head.weight.dtype == torch.bfloat16 and "forward" not in head.__dict__  # the swap is undone
 
 
