@@ -25,12 +25,14 @@ SUITE = (
     ("benchmarks.scaling", ("rollout_scaling",)),
     ("benchmarks.weight_sync", ("weight_sync_vs_memcpy", "learner_blocked_fraction")),
     ("benchmarks.learner", ("learner_vs_bare_torch",)),
+    ("benchmarks.learner_memory", ("learner_memory_vs_full_logits", "learner_speed_vs_full_logits")),
     ("benchmarks.async_sync", ("async_vs_sync", "sync_overhead")),
     ("benchmarks.trl_e2e", ("e2e_vs_trl_grpo",)),
 )
 UNITS = {"buffer_vs_ray_queue": ("groups/s", 5.0), "rollout_vs_bare_vllm": ("tokens/s", 0.9),
          "rollout_scaling": ("tokens/s", None), "weight_sync_vs_memcpy": ("bytes/s", 0.5),
          "learner_blocked_fraction": ("s", 0.1), "learner_vs_bare_torch": ("tokens/s", 0.85),
+         "learner_memory_vs_full_logits": ("GiB peak", 0.25), "learner_speed_vs_full_logits": ("tokens/s", 0.9),
          "async_vs_sync": ("learner steps/min", 1.3), "sync_overhead": ("s/step", 1.25), "e2e_vs_trl_grpo": ("samples/s", 2.0)}
 
 

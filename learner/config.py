@@ -28,7 +28,11 @@ class LearnerConfig(BaseModel):
     groups_per_step: int = Field(16, ge=1)
     """Prompt groups in one optimizer step (rows = groups_per_step * actors.n)."""
     micro_batch_groups: int = Field(16, ge=1)
-    """Groups per forward/backward; gradient accumulation covers the rest of the step."""
+    """Groups per forward/backward when max_tokens_per_micro_batch is None; gradient accumulation covers the rest."""
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    """Token budget of one forward/backward: rows (whole groups for dpo, ipo and agro) sorted by length and packed
+    while rows x longest sequence (prompt + response) fits; each micro-batch is padded to its own longest row.
+    None: micro_batch_groups groups at a time. The step's gradient is the same either way."""
     updates_per_batch: int = Field(1, ge=1)
     """Optimizer passes over each sampled batch (PPO epochs); >1 makes proximal log-probs matter."""
     lr: float = Field(3e-4, gt=0)
@@ -55,8 +59,9 @@ class LearnerConfig(BaseModel):
     gradient_checkpointing: bool = False
     """Recompute each transformer layer's activations in backward instead of keeping them (transformers'
     gradient_checkpointing_enable): less memory on long sequences for about one more forward pass."""
-    logprob_chunk_tokens: int = Field(1024, ge=1)
-    """Response tokens whose full-vocabulary logits are computed at once (and rebuilt in backward)."""
+    logprob_chunk_tokens: int = Field(256, ge=1)
+    """Response tokens whose full-vocabulary logits are computed at once (and rebuilt in backward). Each chunk
+    holds up to three fp32 (tokens, vocabulary) buffers: 256 x 151,936 x 4 B = 156 MB each for Qwen's vocabulary."""
     checkpoint_every: int = Field(200, ge=0)
     """Save a resumable checkpoint (learner, weights, buffer, data position) every k steps; 0 = never."""
     checkpoint_keep: int = Field(2, ge=1)

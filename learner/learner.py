@@ -10,31 +10,43 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
 import torch
 
 from common.seeding import seed_everything
-from learner.batch import TrainBatch, response_logprobs, shard_groups, staleness_stats, to_tensors
+from learner.batch import TrainBatch, micro_batches, response_logprobs, shard_groups, staleness_stats, to_tensors
 from learner.config import LearnerConfig
-from learner.objectives import LossInputs, compute_loss, needs_proximal, needs_reference
+from learner.objectives import (LossInputs, compute_loss, needs_proximal, needs_reference, needs_whole_groups,
+                                step_context)
 from learner.objectives.config import READS
 from learner.objectives.registry import resolve
 from learner.safe_state import SafetensorsCheckpointEngine
+
+if TYPE_CHECKING:  # pyarrow only for the type: the learner benchmark runs on torch, transformers and DeepSpeed alone
+    import pyarrow as pa
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "generation_config.json", "chat_template.jinja")
 
 
-def deepspeed_config(cfg: LearnerConfig, rows_per_micro: int, micro_steps: int) -> dict:
+def zero_config(cfg: LearnerConfig) -> dict:
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.zero3_persistence_threshold is not None:  # DeepSpeed's default keeps every small parameter whole
         zero["stage3_param_persistence_threshold"] = cfg.zero3_persistence_threshold
+    return zero
+
+
+def deepspeed_config(cfg: LearnerConfig, rows_per_micro: int) -> dict:
     ds = {
-        "train_micro_batch_size_per_gpu": rows_per_micro,
-        "gradient_accumulation_steps": micro_steps,
+        # The number of micro-batches varies from step to step (token budget), so the learner owns the
+        # accumulation boundary: every backward accumulates, step() reduces and updates once. Each micro-batch's
+        # loss is already its share of the step's (LossInputs.step): DeepSpeed must not divide it again.
+        "managed_gradient_accumulation": False,
+        "train_micro_batch_size_per_gpu": rows_per_micro,  # nominal: only DeepSpeed's sample counter reads it
+        "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay}},
-        "zero_optimization": zero,
+        "zero_optimization": zero_config(cfg),
         "gradient_clipping": cfg.grad_clip,
         "bf16": {"enabled": cfg.dtype == "bfloat16"},
         "steps_per_print": 10**9,
@@ -71,78 +83,112 @@ class Learner:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
         groups_per_rank = cfg.groups_per_step // world_size
-        micro_steps = max(groups_per_rank // cfg.micro_batch_groups, 1)
         self.rows_per_micro = min(cfg.micro_batch_groups, groups_per_rank) * group_size
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg, self.rows_per_micro, micro_steps),
+            config=deepspeed_config(cfg, self.rows_per_micro),
         )
         self.engine.checkpoint_engine = SafetensorsCheckpointEngine()  # resumable state without pickles
+        if world_size == 1 and cfg.zero_stage == 0:  # ZeRO 1-3 finalise their partitions in the same call
+            # One rank: DeepSpeed's all-reduce would flatten, divide by 1 and copy back every gradient per step.
+            self.engine.enable_backward_allreduce = False
         self.engine.train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
         self.ref = None
         if needs_reference(cfg.objective) or cfg.track_ref_kl:
-            self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
-            self.ref.requires_grad_(False)
+            self.ref = self._load_reference(dtype)
         self.step = 0  # optimizer steps taken == the version of the weights this learner holds
         self._readers: list = []  # publishes still reading the live parameters (callables that wait for them)
 
+    def _load_reference(self, dtype: torch.dtype):
+        """The frozen reference: a plain module under ZeRO 0-2; under ZeRO-3 an optimizer-less DeepSpeed engine
+        whose parameters are partitioned across ranks like the policy's (not a full copy per rank)."""
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        ref.config.use_cache = False
+        ref.requires_grad_(False)
+        if self.cfg.zero_stage != 3:
+            return ref.to(self.device).eval()
+        config = {"train_micro_batch_size_per_gpu": self.rows_per_micro, "zero_optimization": zero_config(self.cfg),
+                  "bf16": {"enabled": self.cfg.dtype == "bfloat16"}, "steps_per_print": 10**9}
+        engine, *_ = deepspeed.initialize(model=ref, config=config)
+        engine.eval()
+        return engine
+
     # ---- training -------------------------------------------------------------------------------
     def _forward(self, model, mb: TrainBatch):
-        """Response log-probs (B, T) with grad and entropies (B, T) from the model's last hidden states.
+        """Response log-probs (B, T) with grad and entropies (B, T) from the model's last hidden state.
 
-        `model` is the DeepSpeed engine (called itself, so its gradient-accumulation hooks see the output), its
-        module or the reference. The causal LM computes the logits of one position only (logits_to_keep=1); the
-        head is applied to the response positions by response_logprobs, chunk by chunk.
+        `model` is a DeepSpeed engine (the policy's, or a ZeRO-3 reference's), its module or the reference.
+        An engine is called itself, so its forward runs as DeepSpeed expects: ZeRO-3 fetches parameters, and the
+        backward prologue (ZeRO's reduction bookkeeping) hangs on its outputs. Only the decoder's last hidden
+        state is kept (a hook, not output_hidden_states, which holds every layer's); it is added to the causal
+        LM's output so the engine's output hooks see the tensor the loss flows through. The causal LM's own head
+        runs on one position (logits_to_keep=1); response_logprobs applies it to the response positions.
         """
-        module = model.module if model is self.engine else model
+        module = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(_m, _args, out):
+            captured["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+        def expose(_m, _args, out):
+            out["last_hidden_state"] = captured["h"]
+            return out
+
+        hooks = [module.get_decoder().register_forward_hook(keep), module.register_forward_hook(expose)]
         input_ids = mb.input_ids.to(self.device)  # (B, L)
-        out = model(input_ids=input_ids, attention_mask=mb.attention_mask.to(self.device),
-                    output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1]  # (B, L, H) after the final norm, what the head reads
+        try:
+            model(input_ids=input_ids, attention_mask=mb.attention_mask.to(self.device), logits_to_keep=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        hidden = captured["h"]  # (B, L, H) after the final norm, what the head reads
         return response_logprobs(hidden, module.get_output_embeddings(), input_ids, mb.resp_index.to(self.device),
-                                 mb.resp_mask.to(self.device), self.temperature, self.cfg.logprob_chunk_tokens)
+                                 mb.resp_mask.to(self.device), self.temperature, self.cfg.logprob_chunk_tokens,
+                                 fp32_head=True)
+
+    def _plan(self, full: TrainBatch) -> list[torch.Tensor]:
+        return micro_batches(full, self.cfg.micro_batch_groups, self.cfg.max_tokens_per_micro_batch,
+                             needs_whole_groups(self.cfg.objective))
 
     @torch.no_grad()
-    def _frozen_logp(self, model, batch: TrainBatch) -> torch.Tensor:
-        parts = [self._forward(model, batch.slice(slice(i, i + self.rows_per_micro)))[0]
-                 for i in range(0, len(batch), self.rows_per_micro)]
-        return torch.cat(parts).float().cpu()  # (B, T)
+    def _frozen_logp(self, model, full: TrainBatch, plan: list[torch.Tensor]) -> torch.Tensor:
+        """Log-probs (B, T) of the step's rows under a frozen model, micro-batch by micro-batch."""
+        out = torch.zeros(full.resp_mask.shape)  # (B, T)
+        for rows in plan:
+            logp = self._forward(model, full.take(rows))[0].float().cpu()  # (b, t)
+            out[rows, :logp.shape[1]] = logp
+        return out
 
     def train_step(self, batch: pa.RecordBatch) -> dict[str, float]:
         """One optimizer step (or `updates_per_batch`) on this rank's groups of `batch`; returns rank-averaged metrics."""
         t0 = time.perf_counter()
-        full = to_tensors(shard_groups(batch, self.rank, self.world_size), self.pad_id)
-        ref_logp = self._frozen_logp(self.ref, full) if self.ref is not None else None
+        return self.train_tensors(to_tensors(shard_groups(batch, self.rank, self.world_size), self.pad_id), t0)
+
+    def train_tensors(self, full: TrainBatch, t0: float | None = None) -> dict[str, float]:
+        """train_step on this rank's rows as tensors; `t0` is when the step started (for learner_step_s)."""
+        t0 = time.perf_counter() if t0 is None else t0
+        plan = self._plan(full)
+        ref_logp = self._frozen_logp(self.ref, full, plan) if self.ref is not None else None
         prox_logp = None
         if needs_proximal(self.cfg.objective) or self.cfg.updates_per_batch > 1:
             self.engine.eval()
-            prox_logp = self._frozen_logp(self.engine.module, full)  # the policy before this update
+            prox_logp = self._frozen_logp(self.engine.module, full, plan)  # the policy before this update
             self.engine.train()
         sums: dict[str, float] = {}
-        n_micro, waited = 0, 0.0
+        loss, waited = 0.0, 0.0
         for _ in range(self.cfg.updates_per_batch):
-            for i in range(0, len(full), self.rows_per_micro):
-                rows = slice(i, i + self.rows_per_micro)
-                mb = full.slice(rows)
-                logp, entropy = self._forward(self.engine, mb)  # (B, T), (B, T)
-                mask = mb.resp_mask.to(self.device)
-                inputs = LossInputs(
-                    logp=logp.float(), behaviour_logp=mb.behaviour_logp.to(self.device), mask=mask,
-                    rewards=mb.rewards.to(self.device), group_ids=mb.group_ids.to(self.device),
-                    ref_logp=None if ref_logp is None else ref_logp[rows].to(self.device),
-                    prox_logp=None if prox_logp is None else prox_logp[rows].to(self.device),
-                )
-                loss, metrics = compute_loss(self.cfg.objective, inputs)
-                self.engine.backward(loss)
-                waited += self.release_weights()  # the update below overwrites what a publish may still be reading
-                self.engine.step()
-                metrics = {**metrics, "loss": loss.item(), "entropy_mean": float((entropy * mask).sum() / mask.sum())}
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                n_micro += 1
+            loss_u, metrics = self.accumulate(full, plan, ref_logp, prox_logp)
+            waited += self.release_weights()  # the update below overwrites what a publish may still be reading
+            self.engine.step()
+            loss += loss_u / self.cfg.updates_per_batch
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / self.cfg.updates_per_batch
         self.step += 1
         lengths = full.resp_mask.sum(1)
-        out = {k: v / n_micro for k, v in sums.items()}
+        out = {**sums, "loss": loss, "micro_batches": float(len(plan))}
         out.update(
             reward_mean=float(full.rewards.mean()), response_length_mean=float(lengths.mean()),
             **staleness_stats(full, self.step - 1),  # per token: learner version at the update minus the sampler's
@@ -151,6 +197,35 @@ class Learner:
             weight_sync_wait_s=waited,  # how long this step waited for the previous publish to finish reading
         )
         return self._all_reduce(out)
+
+    def accumulate(self, full: TrainBatch, plan: list[torch.Tensor], ref_logp: torch.Tensor | None,
+                   prox_logp: torch.Tensor | None) -> tuple[float, dict[str, float]]:
+        """Forward and backward every micro-batch of `plan`, accumulating the step's gradient (no update).
+
+        Each micro-batch's loss is its share of the step's loss (LossInputs.step), so the gradients sum to the
+        step's whatever the split. Returns the step's loss and the other metrics averaged over micro-batches."""
+        ctx = step_context(full.rewards.to(self.device), full.group_ids.to(self.device), full.resp_mask.to(self.device))
+        sums: dict[str, float] = {}
+        total = 0.0
+        for rows in plan:
+            mb = full.take(rows)
+            logp, entropy = self._forward(self.engine, mb)  # (b, t), (b, t)
+            mask, width = mb.resp_mask.to(self.device), mb.resp_mask.shape[1]
+            inputs = LossInputs(
+                logp=logp.float(), behaviour_logp=mb.behaviour_logp.to(self.device), mask=mask,
+                rewards=mb.rewards.to(self.device), group_ids=mb.group_ids.to(self.device),
+                ref_logp=None if ref_logp is None else ref_logp[rows, :width].to(self.device),
+                prox_logp=None if prox_logp is None else prox_logp[rows, :width].to(self.device),
+                step=ctx.at(rows),
+            )
+            loss, metrics = compute_loss(self.cfg.objective, inputs)
+            self.engine.backward(loss)
+            total += float(loss.detach())
+            metrics = {**metrics, "entropy_mean": float((entropy * mask).sum() / mask.sum().clamp(min=1))}
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / len(plan)
+        sums.pop("loss", None)
+        return total, sums
 
     def _all_reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1:

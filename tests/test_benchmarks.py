@@ -61,3 +61,18 @@ def test_quick_run_writes_well_formed_json(tmp_path):
         assert math.isclose(r["ratio"], r["value"] / r["baseline"], rel_tol=1e-2), r["name"]
         assert r["samples"], r["name"]
     assert (tmp_path / "latest.md").read_text() == markdown(doc)
+
+
+@pytest.mark.slow
+def test_learner_memory_quick_rows_and_no_ray_vllm_or_pyarrow():
+    """Both paths of the learner benchmark run in their own processes on torch, transformers and DeepSpeed alone
+    (what a GPU machine without vLLM or Ray has) and report their peaks and speeds as ratios."""
+    from benchmarks.learner_memory import measure, rows_from
+
+    samples = measure("quick", (64,), rows=2)
+    assert samples[0]["heavy_imports"] == []
+    memory, speed = rows_from(samples, {})
+    assert memory["name"] == "learner_memory_vs_full_logits" and memory["target_is"] == "max"
+    for row in (memory, speed):
+        assert row["value"] > 0 and row["baseline"] > 0 and row["ratio"] == pytest.approx(row["value"] / row["baseline"], rel=1e-2)
+    assert samples[0]["relay_mfu"] > 0 and samples[0]["params"] > 151_936 * 64

@@ -5,7 +5,9 @@ needs_reference / needs_proximal to know which extra log-probs to compute.
 """
 
 from learner.objectives.config import ObjectiveConfig
-from learner.objectives.inputs import LossInputs
-from learner.objectives.registry import REGISTRY, compute_loss, needs_proximal, needs_reference
+from learner.objectives.inputs import LossInputs, StepContext
+from learner.objectives.registry import (REGISTRY, compute_loss, needs_proximal, needs_reference, needs_whole_groups,
+                                         step_context)
 
-__all__ = ["LossInputs", "ObjectiveConfig", "compute_loss", "REGISTRY", "needs_reference", "needs_proximal"]
+__all__ = ["LossInputs", "ObjectiveConfig", "StepContext", "compute_loss", "REGISTRY", "needs_reference",
+           "needs_proximal", "needs_whole_groups", "step_context"]

@@ -41,7 +41,7 @@ def agro(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float
     """
     adv = group_advantage(_regularised_reward(cfg, inp), inp.group_ids, loo=cfg.loo)  # (B,)
     token_loss = -adv[:, None] * inp.logp  # (B, T)
-    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len), adv_metrics(adv)
+    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len, inp.step), adv_metrics(adv)
 
 
 def agro_on_policy(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
@@ -75,4 +75,4 @@ def agro_on_policy(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[
     adv = inp.rewards.detach()[:, None] - cfg.beta * to_go - baseline[:, None]  # (B, T)
     token_loss = -adv * inp.logp  # (B, T)
     seq_adv = (adv * inp.mask).sum(-1) / inp.mask.sum(-1).clamp(min=1)  # (B,)
-    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len), adv_metrics(seq_adv)
+    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len, inp.step), adv_metrics(seq_adv)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from learner.objectives.inputs import LossInputs, StepContext
+
 # Keeps a group of identical rewards (std 0) at advantage 0 instead of 0/0.
 STD_EPS = 1e-6
 
@@ -39,12 +41,20 @@ def group_advantage(values: Tensor, group_ids: Tensor, *, loo: bool = False, nor
     return adv
 
 
+def reward_advantage(inp: LossInputs, *, loo: bool, normalize_std: bool = False) -> Tensor:
+    """group_advantage of the rewards, over the whole step when the batch is one of its micro-batches."""
+    if inp.step is None:
+        return group_advantage(inp.rewards, inp.group_ids, loo=loo, normalize_std=normalize_std)  # (B,)
+    step = inp.step
+    return group_advantage(step.rewards, step.group_ids, loo=loo, normalize_std=normalize_std)[step.rows]  # (B,)
+
+
 def seq_sum(x: Tensor, mask: Tensor) -> Tensor:
     """Sum over each sequence's response tokens."""
     return (x * mask).sum(dim=-1)  # (B,)
 
 
-def aggregate(token_loss: Tensor, mask: Tensor, mode: str, max_len: int | None) -> Tensor:
+def aggregate(token_loss: Tensor, mask: Tensor, mode: str, max_len: int | None, step: StepContext | None = None) -> Tensor:
     """Reduce per-token loss terms to a scalar.
 
     `mask` is the effective mask: padding AND tokens an objective rejected, so a
@@ -52,15 +62,24 @@ def aggregate(token_loss: Tensor, mask: Tensor, mode: str, max_len: int | None) 
     sequence leaves the batch denominator. token_sum divides by the constant
     B * max_len on purpose (Dr.GRPO): the denominator must not depend on which
     tokens were kept or how long the answers are, or the fixed point moves.
+
+    With `step` (a micro-batch of a larger step) the denominators are the step's: S * max_len for token_sum,
+    the step's rows with response tokens for seq_mean_token_mean, so the micro-batches' losses sum to the
+    step's. There a sequence whose every token the objective rejected adds 0 but stays in the denominator
+    (which sequences are rejected is known only after every micro-batch's forward pass).
     """
     batch, length = token_loss.shape
     if mode == "token_sum":
-        constant = batch * (max_len if max_len is not None else length)
+        if step is not None and max_len is None:
+            raise ValueError("token_sum over micro-batches needs max_len (the padded length differs between them)")
+        constant = (batch if step is None else step.n_rows) * (max_len if max_len is not None else length)
         return (token_loss * mask).sum() / constant
     if mode == "seq_mean_token_mean":
         n_tokens = mask.sum(dim=-1)  # (B,)
         per_seq = (token_loss * mask).sum(dim=-1) / n_tokens.clamp(min=1)  # (B,)
         live = (n_tokens > 0).to(per_seq.dtype)  # (B,)
+        if step is not None:
+            return (per_seq * live).sum() / max(step.live_rows, 1)
         return (per_seq * live).sum() / live.sum().clamp(min=1)
     raise ValueError(f"unknown aggregation {mode!r}")
 

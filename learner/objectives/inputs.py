@@ -8,6 +8,26 @@ from torch import Tensor
 
 
 @dataclass
+class StepContext:
+    """The whole optimizer step a micro-batch belongs to, so that its loss is its exact share of the step's.
+
+    The learner splits a step into micro-batches and sums their gradients; with these, group advantages are
+    computed over the step's rewards and every denominator (rows, live sequences, DPO pairs) is the step's, so
+    the summed gradient does not depend on how the rows were split."""
+
+    rewards: Tensor  # (S,) every row of the step
+    group_ids: Tensor  # (S,) long
+    rows: Tensor  # (B,) long: this micro-batch's rows, as positions in the step
+    n_rows: int  # S
+    live_rows: int  # rows of the step with at least one response token
+    pairs: int  # preference pairs (best, worst of a group with unequal rewards) in the step
+
+    def at(self, rows: Tensor) -> "StepContext":
+        return StepContext(self.rewards, self.group_ids, rows.to(self.rewards.device), self.n_rows, self.live_rows,
+                           self.pairs)
+
+
+@dataclass
 class LossInputs:
     """One batch of B generations, padded to T tokens; groups are generations of one prompt."""
 
@@ -18,6 +38,7 @@ class LossInputs:
     group_ids: Tensor  # (B,) long; equal ids are the n generations of one prompt
     ref_logp: Tensor | None = None  # (B, T) frozen reference model, only when the objective needs it
     prox_logp: Tensor | None = None  # (B, T) learner's log-probs before this update, no grad (decoupled PPO)
+    step: StepContext | None = None  # the step this micro-batch is part of; None: the batch is the whole step
 
 
 def check_inputs(inp: LossInputs, *, need_ref: bool, need_prox: bool, objective: str) -> None:
@@ -41,3 +62,5 @@ def check_inputs(inp: LossInputs, *, need_ref: bool, need_prox: bool, objective:
         raise ValueError(f"{objective}: mask must be a float tensor (1.0 response, 0.0 padding), got {inp.mask.dtype}")
     if inp.group_ids.is_floating_point():
         raise ValueError(f"{objective}: group_ids must be an integer tensor, got {inp.group_ids.dtype}")
+    if inp.step is not None and tuple(inp.step.rows.shape) != (batch,):
+        raise ValueError(f"{objective}: step.rows has shape {tuple(inp.step.rows.shape)}, expected ({batch},)")

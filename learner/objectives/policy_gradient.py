@@ -17,7 +17,7 @@ from learner.objectives.common import (
     adv_metrics,
     aggregate,
     ess,
-    group_advantage,
+    reward_advantage,
     kl_estimate,
     ratio,
     seq_sum,
@@ -29,11 +29,11 @@ from learner.objectives.inputs import LossInputs
 def _weighted_pg(cfg: ObjectiveConfig, inp: LossInputs, adv: Tensor, weight: Tensor, keep: Tensor) -> Tensor:
     """-weight * A * logp over the kept tokens, aggregated as configured."""
     token_loss = -(weight * adv[:, None]) * inp.logp  # (B, T)
-    return aggregate(token_loss, inp.mask * keep, cfg.aggregation, cfg.max_len)
+    return aggregate(token_loss, inp.mask * keep, cfg.aggregation, cfg.max_len, inp.step)
 
 
 def _advantage(cfg: ObjectiveConfig, inp: LossInputs) -> Tensor:
-    return group_advantage(inp.rewards, inp.group_ids, loo=cfg.loo, normalize_std=cfg.normalize_std)  # (B,)
+    return reward_advantage(inp, loo=cfg.loo, normalize_std=cfg.normalize_std)  # (B,)
 
 
 def reinforce(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
@@ -49,7 +49,7 @@ def asymre(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, flo
     The shifted baseline is a forward-KL-like regulariser that keeps off-policy REINFORCE
     from collapsing (Trinity's reading). Default: token_sum.
     """
-    adv = group_advantage(inp.rewards, inp.group_ids, loo=cfg.loo) - cfg.asymre_delta  # (B,)
+    adv = reward_advantage(inp, loo=cfg.loo) - cfg.asymre_delta  # (B,)
     ones = torch.ones_like(inp.mask)  # (B, T)
     return _weighted_pg(cfg, inp, adv, ones, ones), adv_metrics(adv)
 
@@ -65,7 +65,7 @@ def kl_pg(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, floa
     adv = _advantage(cfg, inp)  # (B,)
     kl = kl_estimate(inp.logp, inp.ref_logp, cfg.kl_estimator)  # (B, T)
     token_loss = -adv[:, None] * inp.logp + cfg.beta * kl  # (B, T)
-    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len), adv_metrics(adv)
+    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len, inp.step), adv_metrics(adv)
 
 
 def tis(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]]:

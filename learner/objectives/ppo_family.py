@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from learner.objectives.common import adv_metrics, aggregate, ess, group_advantage, kl_estimate, masked_mean, ratio
+from learner.objectives.common import adv_metrics, aggregate, ess, kl_estimate, masked_mean, ratio, reward_advantage
 from learner.objectives.config import ObjectiveConfig
 from learner.objectives.inputs import LossInputs
 
@@ -51,11 +51,11 @@ def _ppo(cfg: ObjectiveConfig, inp: LossInputs, adv: Tensor, dual_clip: float | 
         "clip_frac": _frac(binds, inp.mask),
         "is_weight_ess": ess(ratio(inp.logp, inp.behaviour_logp), inp.mask),
     }
-    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len), metrics
+    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len, inp.step), metrics
 
 
 def _advantage(cfg: ObjectiveConfig, inp: LossInputs) -> Tensor:
-    return group_advantage(inp.rewards, inp.group_ids, loo=cfg.loo, normalize_std=cfg.normalize_std)  # (B,)
+    return reward_advantage(inp, loo=cfg.loo, normalize_std=cfg.normalize_std)  # (B,)
 
 
 def ppo(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
@@ -100,7 +100,7 @@ def decoupled_ppo(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[s
         "clip_frac": _frac(binds, inp.mask),
         "is_weight_ess": ess(behaviour_w, inp.mask),
     }
-    return aggregate(behaviour_w * token_loss, inp.mask, cfg.aggregation, cfg.max_len), metrics
+    return aggregate(behaviour_w * token_loss, inp.mask, cfg.aggregation, cfg.max_len, inp.step), metrics
 
 
 def gspo(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
@@ -121,7 +121,7 @@ def gspo(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float
         "clip_frac": float(binds.to(inp.mask.dtype).mean()),
         "is_weight_ess": ess(torch.exp(log_s.detach()), torch.ones_like(log_s)),
     }
-    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len), metrics
+    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len, inp.step), metrics
 
 
 def cispo(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
@@ -138,4 +138,4 @@ def cispo(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, floa
         "clip_frac": _frac(weight != rho, inp.mask),
         "is_weight_ess": ess(weight, inp.mask),
     }
-    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len), metrics
+    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len, inp.step), metrics

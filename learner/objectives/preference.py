@@ -59,6 +59,11 @@ def _margins(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
     return margin, metrics
 
 
+def _pair_mean(loss: Tensor, inp: LossInputs) -> Tensor:
+    """Mean over pairs; over the step's pairs when the batch is one of its micro-batches (whole groups each)."""
+    return loss.mean() if inp.step is None else loss.sum() / max(inp.step.pairs, 1)
+
+
 def _no_pairs(inp: LossInputs) -> Tensor:
     """Zero loss that still belongs to the graph, so a batch of tied groups backpropagates cleanly."""
     return (inp.logp * 0.0).sum()
@@ -72,7 +77,7 @@ def dpo(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]
     margin, metrics = _margins(inp)  # (P,)
     if margin.numel() == 0:
         return _no_pairs(inp), metrics
-    return -F.logsigmoid(cfg.beta * margin).mean(), metrics
+    return _pair_mean(-F.logsigmoid(cfg.beta * margin), inp), metrics
 
 
 def ipo(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
@@ -84,4 +89,4 @@ def ipo(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]
     margin, metrics = _margins(inp)  # (P,)
     if margin.numel() == 0:
         return _no_pairs(inp), metrics
-    return ((margin - 1.0 / (2.0 * cfg.ipo_tau)) ** 2).mean(), metrics
+    return _pair_mean((margin - 1.0 / (2.0 * cfg.ipo_tau)) ** 2, inp), metrics

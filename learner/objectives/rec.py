@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from learner.objectives.common import adv_metrics, aggregate, ess, group_advantage, masked_mean, ratio
+from learner.objectives.common import adv_metrics, aggregate, ess, masked_mean, ratio, reward_advantage
 from learner.objectives.config import ObjectiveConfig
 from learner.objectives.inputs import LossInputs
 
@@ -46,16 +46,16 @@ def rec(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float]
     k2 adds c * (logp - old)^2. Rejected tokens leave the PG term's denominator.
     Default: token_sum.
     """
-    adv = group_advantage(inp.rewards, inp.group_ids, loo=cfg.loo, normalize_std=cfg.normalize_std)  # (B,)
+    adv = reward_advantage(inp, loo=cfg.loo, normalize_std=cfg.normalize_std)  # (B,)
     rho = ratio(inp.logp, inp.behaviour_logp)  # (B, T)
     keep = rec_keep(cfg.rec_clip, rho, adv, cfg).to(inp.mask.dtype)  # (B, T)
     weight = {"none": torch.ones_like(rho), "is": rho, "tis": rho.clamp(max=cfg.is_cap)}[cfg.rec_weight]  # (B, T)
-    loss = aggregate(-(weight * adv[:, None]) * inp.logp, inp.mask * keep, cfg.aggregation, cfg.max_len)
+    loss = aggregate(-(weight * adv[:, None]) * inp.logp, inp.mask * keep, cfg.aggregation, cfg.max_len, inp.step)
     if cfg.rec_regulariser == "forward_kl":
-        loss = loss + aggregate(-cfg.rec_reg_coef * inp.logp, inp.mask, cfg.aggregation, cfg.max_len)
+        loss = loss + aggregate(-cfg.rec_reg_coef * inp.logp, inp.mask, cfg.aggregation, cfg.max_len, inp.step)
     elif cfg.rec_regulariser == "k2":
         penalty = cfg.rec_reg_coef * (inp.logp - inp.behaviour_logp) ** 2  # (B, T)
-        loss = loss + aggregate(penalty, inp.mask, cfg.aggregation, cfg.max_len)
+        loss = loss + aggregate(penalty, inp.mask, cfg.aggregation, cfg.max_len, inp.step)
     metrics = adv_metrics(adv) | {
         "mask_frac": 1.0 - masked_mean(keep, inp.mask),
         "is_weight_ess": ess(weight * keep, inp.mask) if cfg.rec_weight != "none" else 1.0,
@@ -76,7 +76,7 @@ def opmd(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float
     Mirror descent's proximity term keeps the new policy near the sampler, which is
     what makes plain REINFORCE tolerate off-policy data (Trinity's reading). Default: token_sum.
     """
-    adv = group_advantage(inp.rewards, inp.group_ids, loo=cfg.loo)  # (B,)
+    adv = reward_advantage(inp, loo=cfg.loo)  # (B,)
     log_ratio = (inp.logp - inp.behaviour_logp) * inp.mask  # (B, T)
     if cfg.opmd_form == "sequence":
         n_tokens = inp.mask.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
@@ -84,4 +84,4 @@ def opmd(cfg: ObjectiveConfig, inp: LossInputs) -> tuple[Tensor, dict[str, float
     else:
         penalty = log_ratio**2  # (B, T)
     token_loss = -adv[:, None] * inp.logp + 0.5 * cfg.opmd_tau * penalty  # (B, T)
-    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len), adv_metrics(adv)
+    return aggregate(token_loss, inp.mask, cfg.aggregation, cfg.max_len, inp.step), adv_metrics(adv)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from learner.objectives import agro, policy_gradient, ppo_family, preference, rec
 from learner.objectives.common import shared_metrics
 from learner.objectives.config import ObjectiveConfig
-from learner.objectives.inputs import LossInputs, check_inputs
+from learner.objectives.inputs import LossInputs, StepContext, check_inputs
+from learner.objectives.preference import best_worst_pairs
 
 ObjectiveFn = Callable[[ObjectiveConfig, LossInputs], tuple[Tensor, dict[str, float]]]
 
@@ -38,6 +40,10 @@ class Objective:
     """Default std normalisation of the group advantage when the config leaves it None."""
     needs_reference: Callable[[ObjectiveConfig], bool] = _never
     needs_proximal: bool = False
+    whole_groups: bool = False
+    """A row's loss depends on the current log-probs of the other rows of its group (AGRO's regularised
+    rewards, preference pairs): micro-batches must hold whole groups. Otherwise rows are split freely and the
+    group statistics, functions of the rewards only, come from the whole step (LossInputs.step)."""
 
 
 REGISTRY: dict[str, Objective] = {
@@ -48,8 +54,8 @@ REGISTRY: dict[str, Objective] = {
     "geo_mask": Objective(policy_gradient.geo_mask, "token_sum"),
     "asymre": Objective(policy_gradient.asymre, "token_sum"),
     "kl_pg": Objective(policy_gradient.kl_pg, "token_sum", needs_reference=_always),
-    "agro": Objective(agro.agro, "token_sum", needs_reference=_when_beta),
-    "agro_on_policy": Objective(agro.agro_on_policy, "token_sum", needs_reference=_when_beta),
+    "agro": Objective(agro.agro, "token_sum", needs_reference=_when_beta, whole_groups=True),
+    "agro_on_policy": Objective(agro.agro_on_policy, "token_sum", needs_reference=_when_beta, whole_groups=True),
     "grpo": Objective(ppo_family.grpo, "seq_mean_token_mean", normalize_std=True, needs_reference=_when_beta),
     "dr_grpo": Objective(ppo_family.dr_grpo, "token_sum", needs_reference=_when_beta),
     "ppo": Objective(ppo_family.ppo, "seq_mean_token_mean", needs_reference=_when_beta),
@@ -58,8 +64,8 @@ REGISTRY: dict[str, Objective] = {
     "cispo": Objective(ppo_family.cispo, "token_sum"),
     "rec": Objective(rec.rec, "token_sum"),
     "opmd": Objective(rec.opmd, "token_sum"),
-    "dpo": Objective(preference.dpo, "token_sum", needs_reference=_always),
-    "ipo": Objective(preference.ipo, "token_sum", needs_reference=_always),
+    "dpo": Objective(preference.dpo, "token_sum", needs_reference=_always, whole_groups=True),
+    "ipo": Objective(preference.ipo, "token_sum", needs_reference=_always, whole_groups=True),
 }
 
 # Every metric key compute_loss guarantees, with the value used when an objective has nothing to report.
@@ -80,6 +86,18 @@ def needs_reference(cfg: ObjectiveConfig) -> bool:
 def needs_proximal(cfg: ObjectiveConfig) -> bool:
     """Whether compute_loss needs prox_logp for this config."""
     return _entry(cfg).needs_proximal
+
+
+def needs_whole_groups(cfg: ObjectiveConfig) -> bool:
+    """Whether a micro-batch must hold whole groups for this config (see Objective.whole_groups)."""
+    return _entry(cfg).whole_groups
+
+
+def step_context(rewards: Tensor, group_ids: Tensor, mask: Tensor) -> StepContext:
+    """The context of a step from its rewards (S,), group ids (S,) and response mask (S, T)."""
+    chosen, _, _ = best_worst_pairs(rewards, group_ids)
+    return StepContext(rewards, group_ids, torch.arange(len(rewards), device=rewards.device), len(rewards),
+                       int((mask.sum(-1) > 0).sum()), len(chosen))
 
 
 def resolve(cfg: ObjectiveConfig) -> ObjectiveConfig:
