@@ -190,6 +190,7 @@ class Launcher:
                                f"{self.parts.filter_hint()})")
         self.learning, self.state.step = [], res["step"]
         self.state.trained.update(res["group_ids"])
+        self.parts.check_mismatch(res.get("mismatch") or {}, self.state.step, self.log)
         if res["handle"] is not None:
             self.handle = res["handle"]
             self._offer_weights()
@@ -199,8 +200,7 @@ class Launcher:
         k = self.cfg.learner.checkpoint_every
         if k and self.state.step % k == 0 and self.state.step < self.cfg.learner.total_steps:
             self.parts.checkpoint(self.state, self.log)
-        every = self.cfg.data.eval_every
-        if every and self.parts.eval_prompts and self.state.step % every == 0:
+        if (every := self.cfg.data.eval_every) and self.parts.eval_prompts and self.state.step % every == 0:
             self.eval_due = self.state.step
         return record
 

@@ -3,6 +3,7 @@ learner ranks, and what the rollout fleet needs to start. The event loop (launch
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ from launch.fleet import RolloutFleet
 from launch.ledger import ledger, summarize
 from launch.metrics import MetricsLog, read_history
 from learner.actor import make_learner_ranks
+from learner.mismatch import judge
 from transport.registry import make_transport, transport_class
 
 if TYPE_CHECKING:
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 class RunParts:
     def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str, data: RunData | None = None):
         self.cfg, self.run_dir = cfg, run_dir
+        self._mismatch_warned: set[str] = set()
         self.data = data or prepare_prompts(cfg, model_path)  # launch.train prepares it before Ray starts
         self.skipped: Counter[str] = Counter(self.data.train.skipped)  # rows skipped at load, by reason
         self.stream = PromptStream(self.data.train.prompts, cfg.data.seed)
@@ -106,6 +109,17 @@ class RunParts:
         if start_step:
             log.event({"step": start_step, "event": "resumed", "path": resumed_from})
         return log, read_history(self.run_dir, start_step) if start_step else []
+
+    def check_mismatch(self, per_generator: dict, step: int, log: MetricsLog) -> None:
+        """A generator whose tokens of the learner's own version get other log-probs from the learner is serving
+        other weights: warned once per generator (events.jsonl, stderr), or the run stops naming it
+        (learner.mismatch_abort)."""
+        L = self.cfg.learner
+        for gid, warning in judge(per_generator, L.mismatch_warn, L.mismatch_abort, step):
+            if gid not in self._mismatch_warned:
+                self._mismatch_warned.add(gid)
+                log.event({"step": step, "event": "mismatch_warning", "actor": gid, "detail": warning})
+                print(f"relay: warning: {warning}", file=sys.stderr)
 
     def publish_fleet(self, log: MetricsLog, state: RunState) -> None:
         """Fleet events into events.jsonl, and `actors.json` for operators whenever the fleet changed."""

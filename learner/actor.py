@@ -57,7 +57,9 @@ class LearnerRank:
         metrics["weight_sync_s"] = publish_s
         # Every rank receives the whole batch; rank 0 reports its groups for the run's exactly-once ledger.
         group_ids = batch.column("group_id").unique().to_pylist() if self.learner.rank == 0 else []
-        return {"metrics": metrics, "handle": handle, "step": self.learner.step, "group_ids": group_ids}
+        mismatch = self.learner.mismatch if self.learner.rank == 0 else {}  # per generator (learner/mismatch.py)
+        return {"metrics": metrics, "handle": handle, "step": self.learner.step, "group_ids": group_ids,
+                "mismatch": mismatch}
 
     def save_pretrained(self, out_dir: str):
         return self.learner.save_pretrained(out_dir)

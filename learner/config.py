@@ -62,6 +62,11 @@ class LearnerConfig(BaseModel):
     logprob_chunk_tokens: int = Field(256, ge=1)
     """Response tokens whose full-vocabulary logits are computed at once (and rebuilt in backward). Each chunk
     holds up to three fp32 (tokens, vocabulary) buffers: 256 x 151,936 x 4 B = 156 MB each for Qwen's vocabulary."""
+    mismatch_warn: float = Field(0.1, gt=0)
+    """Warn (events.jsonl) when a generator's tokens of the learner's own version get log-probs that differ from the
+    learner's by more than this on average (|Δ log p|; fp32 ~1e-5, bf16 ~1e-2): it may serve other weights."""
+    mismatch_abort: float | None = Field(None, gt=0)
+    """Stop the run, naming the generator, past this mean |Δ log p| (None: warn only)."""
     checkpoint_every: int = Field(200, ge=0)
     """Save a resumable checkpoint (learner, weights, buffer, data position) every k steps; 0 = never."""
     checkpoint_keep: int = Field(2, ge=1)

@@ -17,6 +17,7 @@ import torch
 from common.seeding import seed_everything
 from learner.batch import TrainBatch, micro_batches, response_logprobs, shard_groups, staleness_stats, to_tensors
 from learner.config import LearnerConfig
+from learner.mismatch import by_generator, token_mismatch
 from learner.objectives import (LossInputs, compute_loss, needs_proximal, needs_reference, needs_whole_groups,
                                 step_context)
 from learner.objectives.config import READS
@@ -165,7 +166,11 @@ class Learner:
     def train_step(self, batch: pa.RecordBatch) -> dict[str, float]:
         """One optimizer step (or `updates_per_batch`) on this rank's groups of `batch`; returns rank-averaged metrics."""
         t0 = time.perf_counter()
-        return self.train_tensors(to_tensors(shard_groups(batch, self.rank, self.world_size), self.pad_id), t0)
+        mine = shard_groups(batch, self.rank, self.world_size)
+        metrics = self.train_tensors(to_tensors(mine, self.pad_id), t0)
+        # per generator, this rank's rows: which generator is off is what an operator needs to know
+        self.mismatch = by_generator(self.mismatch_rows, mine.column("generator_id").to_pylist())
+        return metrics
 
     def train_tensors(self, full: TrainBatch, t0: float | None = None) -> dict[str, float]:
         """train_step on this rank's rows as tensors; `t0` is when the step started (for learner_step_s)."""
@@ -179,8 +184,9 @@ class Learner:
             self.engine.train()
         sums: dict[str, float] = {}
         loss, waited = 0.0, 0.0
-        for _ in range(self.cfg.updates_per_batch):
-            loss_u, metrics = self.accumulate(full, plan, ref_logp, prox_logp)
+        self.mismatch_rows = torch.zeros(len(full), 3)  # (B, 3) tokens of this very version: see learner/mismatch.py
+        for update in range(self.cfg.updates_per_batch):
+            loss_u, metrics = self.accumulate(full, plan, ref_logp, prox_logp, measure=update == 0)
             waited += self.release_weights()  # the update below overwrites what a publish may still be reading
             self.engine.step()
             loss += loss_u / self.cfg.updates_per_batch
@@ -188,7 +194,9 @@ class Learner:
                 sums[k] = sums.get(k, 0.0) + v / self.cfg.updates_per_batch
         self.step += 1
         lengths = full.resp_mask.sum(1)
-        out = {**sums, "loss": loss, "micro_batches": float(len(plan))}
+        m = self.mismatch_rows.sum(0)  # [sum |Δ|, sum k3, tokens]
+        out = {**sums, "loss": loss, "micro_batches": float(len(plan)), "mismatch_tokens": float(m[2]),
+               "mismatch_abs_mean": float(m[0] / m[2].clamp(min=1)), "mismatch_k3": float(m[1] / m[2].clamp(min=1))}
         out.update(
             reward_mean=float(full.rewards.mean()), response_length_mean=float(lengths.mean()),
             **staleness_stats(full, self.step - 1),  # per token: learner version at the update minus the sampler's
@@ -199,7 +207,7 @@ class Learner:
         return self._all_reduce(out)
 
     def accumulate(self, full: TrainBatch, plan: list[torch.Tensor], ref_logp: torch.Tensor | None,
-                   prox_logp: torch.Tensor | None) -> tuple[float, dict[str, float]]:
+                   prox_logp: torch.Tensor | None, measure: bool = False) -> tuple[float, dict[str, float]]:
         """Forward and backward every micro-batch of `plan`, accumulating the step's gradient (no update).
 
         Each micro-batch's loss is its share of the step's loss (LossInputs.step), so the gradients sum to the
@@ -218,6 +226,9 @@ class Learner:
                 prox_logp=None if prox_logp is None else prox_logp[rows, :width].to(self.device),
                 step=ctx.at(rows),
             )
+            if measure:  # before any update of this step: the weights are version self.step
+                same = (mb.token_versions.to(self.device) == self.step) & (mask > 0)  # (b, t)
+                self.mismatch_rows[rows] = token_mismatch(logp, inputs.behaviour_logp, same)
             loss, metrics = compute_loss(self.cfg.objective, inputs)
             self.engine.backward(loss)
             total += float(loss.detach())

@@ -69,3 +69,7 @@ def test_sync_mode_has_zero_staleness(tmp_path, tiny_model_dir):
     assert all(r["staleness_max"] == 0 for r in rows)
     assert summary["buffer"]["drops_stale_at_sample"] == 0  # one actor: admission alone keeps every group fresh
     assert [r["behaviour_version_max"] for r in rows] == list(range(8))  # each step trains on the previous step's weights
+    # every token was sampled by the weights the learner held: the generator served exactly what was published
+    assert all(r["mismatch_tokens"] == r["tokens"] for r in rows), [(r["mismatch_tokens"], r["tokens"]) for r in rows]
+    assert max(r["mismatch_abs_mean"] for r in rows) < 1e-4, [r["mismatch_abs_mean"] for r in rows]
+    assert "mismatch_warning" not in (tmp_path / "run" / "events.jsonl").read_text()
