@@ -33,14 +33,14 @@ def test_a_generator_that_kept_old_weights_trips_the_alarm(tiny_model_dir, dist_
     from learner.objectives import ObjectiveConfig
 
     prompts = [Prompt(f"p{i}", f"{i}+{j}=", str(i + j)) for i, j in [(1, 2), (3, 1), (2, 2), (4, 0)]]
-    gen = Generator(ActorConfig(n=4, max_tokens=6, temperature=0.8), tiny_model_dir, "gen-stale", max_model_len=64)
+    gen = Generator(ActorConfig(n=4, max_tokens=6, temperature=0.7), tiny_model_dir, "gen-stale", max_model_len=64)
     cfg = LearnerConfig(groups_per_step=4, micro_batch_groups=4, lr=3e-2, objective=ObjectiveConfig(max_len=6))
-    learner = Learner(cfg, tiny_model_dir, group_size=4, temperature=0.8)
+    learner = Learner(cfg, tiny_model_dir, group_size=4, temperature=0.7)
 
     metrics = learner.train_step(gen.generate(prompts).batch)  # version 0 sampled, learner at 0: the same weights
     honest = learner.mismatch["gen-stale"]
     assert honest["tokens"] > 0 and metrics["mismatch_tokens"] == honest["tokens"]
-    assert honest["abs_mean"] < 1e-4, honest  # vLLM and the learner agree on fp32 CPU
+    assert honest["abs_mean"] < 1e-4, honest  # vLLM and the learner agree on fp32 CPU, at temperature 0.7
     assert judge(learner.mismatch, cfg.mismatch_warn, 1e-3, learner.step) == []
 
     for _ in range(3):  # the learner moves on; the generator never loads the new weights...
