@@ -133,7 +133,7 @@ def test_stop_strings_and_stop_ids_end_generation_with_the_sampled_tokens(untrai
     from actors.generator import Generator, Prompt
     from buffer.schema import rollouts_from_arrow
 
-    gen = Generator(ActorConfig(n=8, max_tokens=16, temperature=0.9, stop=["1+"], weight_update_mode=mode), untrained_model_dir,
+    gen = Generator(ActorConfig(n=8, max_tokens=16, temperature=0.9, stop=["+"], weight_update_mode=mode), untrained_model_dir,
                     "stop-gen", max_model_len=64)
     tok = gen.engine.tokenizer
     eq, eos = tok.convert_tokens_to_ids("="), tok.eos_token_id
@@ -145,12 +145,12 @@ def test_stop_strings_and_stop_ids_end_generation_with_the_sampled_tokens(untrai
         assert len(r.behaviour_logprobs) == len(resp)
         assert len(r.token_versions) == len(resp) or mode == "between_batches"  # a version per kept token
         assert r.response_text == tok.decode(resp, skip_special_tokens=True)  # text and tokens agree
-        assert eq not in resp[:-1] and eos not in resp[:-1] and "1+" not in tok.decode(resp[:-1])  # the first stop ends it
+        assert eq not in resp[:-1] and eos not in resp[:-1] and "+" not in tok.decode(resp[:-1])  # the first stop ends it
         if resp[-1] == eq:
             ends["stop_token_id"] += 1
         elif resp[-1] == eos:
             ends["eos"] += 1
-        elif r.response_text.endswith("1+"):
+        elif r.response_text.endswith("+"):
             ends["stop_string"] += 1
         else:
             assert len(resp) == 16 and r.finish_reason == "length"
