@@ -10,7 +10,7 @@ vllm or pyarrow, directly or through Relay's modules (the `import_graph` row say
   objectives       every registered objective on the device (float32) against CPU float64: loss and gradient
   logprobs_fp32/bf16  the learner's response log-probs against a plain transformers forward + log_softmax
   process_group    a one-rank torch.distributed group (NCCL on a GPU, gloo on CPU): all_reduce, broadcast, destroy
-  save_pretrained  Learner.save_pretrained (safetensors), reloaded with transformers: the same logits
+  save_pretrained  Learner.save_pretrained (safetensors), reloaded with transformers: equal parameters and logits
   throughput       tokens/s and MFU of one learner step on a Qwen3-0.6B-shaped model (benchmarks/learner_memory)
   import_graph     no ray, vllm or pyarrow in sys.modules after all of the above
 
@@ -319,7 +319,8 @@ def check_logprobs(plan: Plan, model_dir: str, dtype: str) -> Row:
     want = reference_logprobs(model_dir, dtype, plan.device, batch, temperature)
     diff = float((logp - want).abs().max())
     tol = 1e-3 if dtype == "float32" else 0.1
-    note = f"max abs diff over {int(batch.resp_mask.sum())} tokens, T=0.7, tolerance {tol:g}; mean logp {float(want.sum() / batch.resp_mask.sum()):.3f}"
+    tokens = batch.resp_mask.sum()
+    note = f"max abs diff over {int(tokens)} tokens, T=0.7, tolerance {tol:g}; mean logp {float(want.sum() / tokens):.3f}"
     ok = math.isfinite(diff) and diff <= tol
     return Row(name, "ok" if ok else f"FAIL: max abs diff {diff:.3g} > {tol:g}", float(f"{diff:.3g}"), "nats", note)
 
@@ -387,7 +388,8 @@ def check_save_pretrained(plan: Plan, model_dir: str) -> Row:
         loaded = {n: p.detach().cpu() for n, p in reloaded.named_parameters()}
     diff = float((got - want).abs().max())
     unequal = sorted(n for n in trained if n not in loaded or not torch.equal(trained[n], loaded[n]))
-    note = f"{plan.dtype}, {len(trained)} tensors; files: {', '.join(f for f in files if f.endswith(('.safetensors', '.json')))}"
+    listed = ", ".join(f for f in files if f.endswith((".safetensors", ".json")))
+    note = f"{plan.dtype}, {len(trained)} tensors; files: {listed}"
     if not any(f.endswith(".safetensors") for f in files) or any(f.endswith((".bin", ".pt")) for f in files):
         return Row("save_pretrained", "FAIL: not (only) safetensors", diff, "max abs logit diff", note)
     if unequal or set(loaded) != set(trained):
