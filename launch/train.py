@@ -141,6 +141,9 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     print(f"relay: data.train {cfg.data.train}: {len(data.train.prompts)} prompts"
           + (f", skipped {data.train.skipped}" if data.train.skipped else "")
           + (f"; data.eval {cfg.data.eval}: {len(data.eval)} prompts" if cfg.data.eval else ""), file=sys.stderr)
+    for o in data.offline:
+        print(f"relay: data.offline {o.name}: {o.table.num_rows} rows in {o.groups} groups"
+              + (f", skipped {o.skipped}" if o.skipped else ""), file=sys.stderr)
     started = init_ray(cfg)
     try:
         check_fits(resource_requests(cfg), ray.nodes())
