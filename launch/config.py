@@ -302,6 +302,9 @@ def validate(cfg: RunConfig) -> None:
                           f"exceeds model.max_model_len={cfg.model.max_model_len}")
     if problem := check_offline(D.offline, D.offline_fraction, L.objective, L.groups_per_step):
         raise ConfigError(problem)
+    if any(s.behaviour == "reference" for s in D.offline) and L.behaviour_fill != "reference":
+        raise ConfigError("config key 'learner.behaviour_fill': a data.offline source has behaviour reference, whose "
+                          "log-probs the learner computes with the reference model: set it to reference")
     if D.offline_fraction == 1.0 and (D.eval_every or pushes(cfg.weights.transport)):
         raise ConfigError("config key 'data.offline_fraction': 1.0 starts no rollout actor, so "
                           + ("data.eval_every must be 0" if D.eval_every else "weights.transport cannot push"))

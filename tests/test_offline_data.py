@@ -274,3 +274,13 @@ def test_nan_behaviour_rows_through_the_learner_give_finite_loss_and_gradients(m
     assert grads[0] and all(torch.isfinite(g).all() for g in grads[0])
     assert any(float(g.abs().sum()) > 0 for g in grads[0])
     assert metrics["mismatch_tokens"] == 8  # only the rows whose behaviour log-probs are known (version 0)
+
+
+def test_reference_sources_need_the_reference_fill_and_offline_runs_reserve_no_rollout_actor(tmp_path):
+    from launch.train import placement, resource_requests
+
+    with pytest.raises(ConfigError, match="learner.behaviour_fill"):
+        _cfg(tmp_path, "reference", {"learner.behaviour_fill": "policy"})
+    cfg = _cfg(tmp_path, "none", _objective("agro"), **{"data.offline_fraction": 1.0, "actors.num_gpus": 1})
+    assert placement(cfg)[1] == {**placement(cfg)[1], "actor": "rollout", "count": 0}
+    assert not any(key.startswith("actors.") for key in resource_requests(cfg))
