@@ -300,14 +300,8 @@ def validate(cfg: RunConfig) -> None:
     if D.max_prompt_len is not None and D.max_prompt_len + A.max_tokens > cfg.model.max_model_len:
         raise ConfigError(f"config key 'data.max_prompt_len': {D.max_prompt_len} + actors.max_tokens={A.max_tokens} "
                           f"exceeds model.max_model_len={cfg.model.max_model_len}")
-    if problem := check_offline(D.offline, D.offline_fraction, L.objective, L.groups_per_step):
+    if problem := check_offline(D, L, pushes(cfg.weights.transport)):
         raise ConfigError(problem)
-    if any(s.behaviour == "reference" for s in D.offline) and L.behaviour_fill != "reference":
-        raise ConfigError("config key 'learner.behaviour_fill': a data.offline source has behaviour reference, whose "
-                          "log-probs the learner computes with the reference model: set it to reference")
-    if D.offline_fraction == 1.0 and (D.eval_every or pushes(cfg.weights.transport)):
-        raise ConfigError("config key 'data.offline_fraction': 1.0 starts no rollout actor, so "
-                          + ("data.eval_every must be 0" if D.eval_every else "weights.transport cannot push"))
     if cfg.data.eval_every and not cfg.data.eval:
         raise ConfigError("config key 'data.eval_every': set data.eval to a held-out prompt file as well")
     max_len = L.objective.max_len

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from learner.objectives.config import ObjectiveConfig, reads_behaviour
+from learner.objectives.config import reads_behaviour
 
 
 class OfflineSourceConfig(BaseModel):
@@ -53,13 +53,21 @@ class OfflineSourceConfig(BaseModel):
     """Field holding the row's own source tag (used when `source` is not set)."""
 
 
-def check_offline(sources: list[OfflineSourceConfig], fraction: float, objective: ObjectiveConfig,
-                  groups_per_step: int) -> str | None:
-    """The first rule `data.offline` breaks, as one line naming the key (None: none)."""
+def check_offline(data, learner, pushes_weights: bool) -> str | None:
+    """The first rule `data.offline` breaks, as one line naming the key (None: none). `data` is the run's
+    DataConfig, `learner` its LearnerConfig; `pushes_weights`: weights.transport pushes to the generators."""
+    sources, fraction, objective = data.offline, data.offline_fraction, learner.objective
+    groups_per_step = learner.groups_per_step
     if fraction > 0 and not sources:
         return f"config key 'data.offline_fraction': {fraction} of each batch from offline data, but data.offline is empty"
     if sources and fraction == 0:
         return "config key 'data.offline': sources given but data.offline_fraction is 0, so no batch would use them"
+    if fraction == 1.0 and (data.eval_every or pushes_weights):
+        return ("config key 'data.offline_fraction': 1.0 starts no rollout actor, so "
+                + ("data.eval_every must be 0" if data.eval_every else "weights.transport cannot push"))
+    if any(s.behaviour == "reference" for s in sources) and learner.behaviour_fill != "reference":
+        return ("config key 'learner.behaviour_fill': a data.offline source has behaviour reference, whose log-probs "
+                "the learner computes with the reference model: set it to reference")
     for i, s in enumerate(sources):
         local = s.path.startswith((".", "/", "~")) or s.path.count("/") != 1  # else a hub name owner/dataset
         if local and not Path(s.path).expanduser().exists():
