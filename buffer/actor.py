@@ -23,6 +23,7 @@ def make_buffer_actor(
     name: str | None = None,
     num_cpus: float = 0,
     max_concurrency: int = 16,
+    offline_per_step: int = 0,
 ) -> ray.actor.ActorHandle:
     """Start the buffer actor; name it to let other processes find it with ray.get_actor(name)."""
     if max_concurrency < 4:
@@ -37,4 +38,4 @@ def make_buffer_actor(
     options = {"num_cpus": num_cpus, "max_concurrency": max_concurrency, "scheduling_strategy": here}
     if name is not None:
         options["name"] = name
-    return ReplayBufferActor.options(**options).remote(cfg, groups_per_step, run_dir)
+    return ReplayBufferActor.options(**options).remote(cfg, groups_per_step, run_dir, offline_per_step)

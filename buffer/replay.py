@@ -28,7 +28,8 @@ FILTER_REASONS = ("zero_variance",)  # buffer.filter values that drop groups (co
 class ReplayBuffer:
     """The replay buffer of one run. See BufferConfig for every setting."""
 
-    def __init__(self, cfg: BufferConfig, groups_per_step: int, run_dir: str | None = None) -> None:
+    def __init__(self, cfg: BufferConfig, groups_per_step: int, run_dir: str | None = None,
+                 offline_per_step: int = 0) -> None:
         if cfg.samples_per_insert is not None and 2 * cfg.spi_tolerance < groups_per_step + cfg.samples_per_insert:
             # Below this the limiter can block inserts and a full step's sample at the same time: deadlock.
             raise ValueError(
@@ -38,12 +39,18 @@ class ReplayBuffer:
         if groups_per_step > cfg.capacity_groups:
             raise ValueError(f"groups_per_step={groups_per_step} exceeds buffer.capacity_groups={cfg.capacity_groups}")
         self.cfg = cfg
+        if not 0 <= offline_per_step <= groups_per_step:
+            raise ValueError(f"offline_per_step={offline_per_step} must be in [0, groups_per_step={groups_per_step}]")
         self.groups_per_step = groups_per_step
+        self.offline_per_step = offline_per_step  # groups of each sample drawn from the offline pool (data.offline)
         self.run_dir = run_dir
         self._cond = threading.Condition()
         self._rng = np.random.default_rng(cfg.seed)
         # every stored group, for launch.export; outside _reset_state: a load does not forget the log
         self._log = RolloutLog(os.path.join(run_dir, "rollouts")) if run_dir is not None and cfg.rollout_log else None
+        # data.offline's groups: apart from the online ones (no capacity, eviction, staleness or limiter), never
+        # used up, and outside _reset_state: the launcher loads them at start, a resume's load keeps them
+        self._offline_pool: list[pa.RecordBatch] = []
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -52,7 +59,9 @@ class ReplayBuffer:
         self._bytes = 0
         self._rows = 0
         self._assembler = GroupAssembler()
-        self._admission = Admission(cfg.max_staleness, self.groups_per_step, cfg.staleness_policy == "admission")
+        # admission counts the online groups a step consumes: the offline share needs no generation
+        online = max(self.groups_per_step - self.offline_per_step, 1)
+        self._admission = Admission(cfg.max_staleness, online, cfg.staleness_policy == "admission")
         self._limiter = RateLimiter(cfg.samples_per_insert, cfg.spi_tolerance, cfg.min_size_groups)
         self._learner_version = 0
         self._checked_version = 0  # learner version the held groups were last checked for staleness at
@@ -136,6 +145,21 @@ class ReplayBuffer:
             self._cond.notify_all()
         return stored
 
+    def add_offline(self, data: pa.RecordBatch | pa.Table) -> int:
+        """Add whole groups to the offline pool that `offline_per_step` of each sample come from; returns its size.
+
+        Each group must be complete (group_size rows); launch/offline_data.py makes them so."""
+        pool = []
+        for group_id, part in split_groups(as_rollout_batch(data)):
+            if part.num_rows != part.column("group_size")[0].as_py():
+                raise ValueError(f"offline group {group_id}: {part.num_rows} rows, group_size says "
+                                 f"{part.column('group_size')[0].as_py()}")
+            pool.append(part)
+        with self._cond:
+            self._offline_pool.extend(pool)
+            self._cond.notify_all()
+            return len(self._offline_pool)
+
     def _add_parts(self, parts: list[tuple[str, pa.RecordBatch]], offline: bool) -> int:
         for group_id, part in parts:  # checked before anything is stored, so a bad batch changes nothing
             if group_id in self._groups:
@@ -216,18 +240,31 @@ class ReplayBuffer:
         """
         if not 1 <= n_groups <= self.cfg.capacity_groups:
             raise ValueError(f"n_groups must be in [1, capacity_groups={self.cfg.capacity_groups}], got {n_groups}")
+        n_offline = min(self.offline_per_step, n_groups)
+        online = n_groups - n_offline
         with self._cond:
+            if len(self._offline_pool) < n_offline:
+                raise ValueError(f"the offline pool holds {len(self._offline_pool)} groups; a sample draws {n_offline}")
             self._advance(learner_version)
-            if not self._wait(lambda: self._can_sample(n_groups), timeout, "sample"):
+            if not self._wait(lambda: self._can_sample(online), timeout, "sample"):
                 return None
-            chosen = sampler.choose(list(self._groups.values()), n_groups, self.cfg, self._rng)
-            batches = [self._serve(entry) for entry in chosen]
-            self._limiter.samples += n_groups
+            chosen = sampler.choose(list(self._groups.values()), online, self.cfg, self._rng) if online else []
+            batches = [self._serve(entry) for entry in chosen] + self._draw_offline(n_offline)
+            self._limiter.samples += online
             self._sample_rate.add(n_groups)
             self._cond.notify_all()
         return pa.concat_batches(batches)  # the one copy, outside the lock
 
+    def _draw_offline(self, n: int) -> list[pa.RecordBatch]:
+        """n distinct groups of the offline pool, uniformly (distinct: one group twice would merge into one)."""
+        if not n:
+            return []
+        self._counts["served_offline"] += n
+        return [self._offline_pool[i] for i in self._rng.choice(len(self._offline_pool), size=n, replace=False)]
+
     def _can_sample(self, n_groups: int) -> bool:
+        if n_groups == 0:  # a purely offline batch waits for nothing
+            return True
         self._drop_stale()
         size = len(self._groups)
         return size >= max(n_groups, self.cfg.min_size_groups) and self._limiter.can_sample(n_groups)
@@ -281,6 +318,7 @@ class ReplayBuffer:
                 "size_rollouts": self._rows,
                 "bytes": self._bytes,
                 "pending_groups": len(self._assembler.pending),
+                "offline_pool_groups": len(self._offline_pool),
                 "pending_rollouts": self._assembler.rows(),
                 "inserts": self._limiter.inserts,
                 "samples": self._limiter.samples,

@@ -19,6 +19,7 @@ from actors.rewards import Rewards
 from buffer.config import BufferConfig
 from learner.config import LearnerConfig
 from learner.objectives.config import READS
+from launch.offline_config import OfflineSourceConfig, check_offline
 from transport.registry import TRANSPORTS, pushes
 
 
@@ -104,6 +105,11 @@ class DataConfig(BaseModel):
     """synthetic:arithmetic: operands range over 0..max_operand."""
     seed: int = 0
     """Prompt order seed (defaults to the run's seed)."""
+    offline: list[OfflineSourceConfig] = []
+    """Offline sources (prompt, response, reward rows; see launch/offline_config.py) mixed into learner batches."""
+    offline_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of each learner batch, in groups, drawn from data.offline; 1.0 = a purely offline run (no rollout
+    actor, no vLLM engine)."""
 
 
 class WeightSyncConfig(BaseModel):
@@ -179,6 +185,9 @@ class RunConfig(BaseModel):
                 setattr(self, name, component.model_copy(update={"seed": self.seed}))
         # token_sum divides by B * max_len: the longest answer the generators can produce, so the constant never
         # depends on this batch's longest response or on the micro-batch split (Dr.GRPO; TRL's max_completion_length).
+        if any(s.behaviour == "reference" for s in self.data.offline) and "behaviour_fill" not in \
+                self.learner.model_fields_set:  # the learner computes those rows' behaviour log-probs
+            self.learner = self.learner.model_copy(update={"behaviour_fill": "reference"})
         objective = self.learner.objective
         if "max_len" not in objective.model_fields_set and "max_len" in READS[objective.name]:
             objective = objective.model_copy(update={"max_len": self.actors.max_tokens})
@@ -291,6 +300,8 @@ def validate(cfg: RunConfig) -> None:
     if D.max_prompt_len is not None and D.max_prompt_len + A.max_tokens > cfg.model.max_model_len:
         raise ConfigError(f"config key 'data.max_prompt_len': {D.max_prompt_len} + actors.max_tokens={A.max_tokens} "
                           f"exceeds model.max_model_len={cfg.model.max_model_len}")
+    if problem := check_offline(D, L, pushes(cfg.weights.transport)):
+        raise ConfigError(problem)
     if cfg.data.eval_every and not cfg.data.eval:
         raise ConfigError("config key 'data.eval_every': set data.eval to a held-out prompt file as well")
     max_len = L.objective.max_len

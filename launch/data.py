@@ -213,6 +213,7 @@ def render_prompts(prompt_set: PromptSet, tokenizer, fmt: PromptFormat, max_len:
 class RunData:
     train: PromptSet
     eval: list[Prompt]
+    offline: list = field(default_factory=list)  # launch.offline_data.OfflineSet per data.offline source
 
 
 def prepare_prompts(cfg: RunConfig, model_path: str, rewards=None) -> RunData:
@@ -232,7 +233,9 @@ def prepare_prompts(cfg: RunConfig, model_path: str, rewards=None) -> RunData:
         if missing := rewards.unrouted(sources):
             raise DataError(f"config key 'actors.reward': no reward for data_source {missing} (add them to the "
                             "mapping, or a `default` entry)")
-    return RunData(train, evals.prompts if evals else [])
+    from launch.offline_data import load_offline
+
+    return RunData(train, evals.prompts if evals else [], load_offline(cfg, tokenizer))
 
 
 class PromptStream:

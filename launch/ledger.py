@@ -11,6 +11,8 @@ def ledger(groups_dispatched: int, requests_dispatched: int, reissued: int, unfi
     Dispatched groups are skipped by a generator, dropped by the buffer (stale, evicted unsampled), filtered by
     `buffer.filter` (e.g. all rewards equal), trained on, still held by the buffer, or unfinished (in flight when
     the run ended); anything else was lost."""
+    offline = {g for g in trained if g.startswith("offline:")}  # data.offline's pool: dispatched by no one, reused
+    trained = Counter({g: c for g, c in trained.items() if g not in offline})
     requests = buffer_ledger["requests"]
     stored = sum(r["stored"] for r in requests.values())
     skipped = sum(sum(r["skipped"].values()) for r in requests.values())
@@ -23,7 +25,7 @@ def ledger(groups_dispatched: int, requests_dispatched: int, reissued: int, unfi
         "duplicate_puts_refused": int(buffer_stats.get("duplicate_puts", 0)),
         "groups_stored": stored, "groups_skipped": skipped, "groups_dropped": int(dropped),
         "groups_filtered": filtered,
-        "groups_unfinished": unfinished, "groups_trained": len(trained),
+        "groups_unfinished": unfinished, "groups_trained": len(trained), "offline_groups_trained": len(offline),
         "groups_held_at_end": len(buffer_ledger["held_group_ids"]),
         "groups_trained_too_often": sum(1 for c in trained.values() if c > max_reuse),
         "groups_lost": int(groups_dispatched - unfinished - skipped - dropped - filtered - len(served_or_held)),

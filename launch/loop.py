@@ -37,7 +37,7 @@ class Launcher:
         self.cfg, self.run_dir = cfg, run_dir
         self.parts = RunParts(cfg, run_dir, model_path, data)  # buffer, learner ranks, transport, prompts
         self.buffer, self.ranks, self.transport = self.parts.buffer, self.parts.ranks, self.parts.transport
-        self.state = RunState(skipped=self.parts.skipped, rollout_actors=cfg.actors.num_actors)
+        self.state = RunState(skipped=self.parts.skipped, rollout_actors=self.parts.rollout_actors)
         self.handle: WeightHandle | None = None  # the newest published weights
         self.start_step, self.serving_path, self.resumed_from = 0, model_path, None
         self.calls = Calls()

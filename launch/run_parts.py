@@ -42,12 +42,31 @@ class RunParts:
         # a push transport's trainer side lives on learner rank 0 (NCCL needs its GPU): built in await_learner
         self.push_backend = cfg.weights.transport if kind.pushes else None
         self.transport = None if kind.pushes else make_transport(cfg.weights.transport, run_dir=str(run_dir))
-        self.buffer = make_buffer_actor(cfg.buffer, cfg.learner.groups_per_step, str(run_dir))
+        offline_per_step = round(cfg.data.offline_fraction * cfg.learner.groups_per_step)  # whole (config check)
+        self.buffer = make_buffer_actor(cfg.buffer, cfg.learner.groups_per_step, str(run_dir),
+                                        offline_per_step=offline_per_step)
+        self._load_offline(offline_per_step)
+        # a purely offline run (data.offline_fraction 1.0) starts no rollout actor, hence no vLLM engine
+        self.rollout_actors = 0 if offline_per_step == cfg.learner.groups_per_step else cfg.actors.num_actors
         self.ranks = make_learner_ranks(cfg.learner, model_path=model_path, group_size=cfg.actors.n,
                                         temperature=cfg.actors.temperature, transport=self.transport)
         self.buffer_stats: dict = {}  # the buffer's newest stats (asked every ~2 s when buffer.filter is on)
         self._stats_asked, self._all_filtered_since = (-1, 0.0), None  # (step, time) of the last ask
         self._recent_filter_rate = 0.0  # buffer.filter's rate between the two newest stats (about one step)
+
+    def _load_offline(self, per_step: int) -> None:
+        """data.offline's groups into the buffer's offline pool, before any actor starts."""
+        if not self.data.offline:
+            return
+        import pyarrow as pa
+
+        table = pa.concat_tables([o.table for o in self.data.offline])
+        pool = ray.get(self.buffer.add_offline.remote(table), timeout=self.cfg.ray.startup_timeout_s)
+        if pool < per_step:
+            raise ValueError(f"data.offline: the sources hold {pool} groups, fewer than the {per_step} each learner "
+                             "batch draws (data.offline_fraction x learner.groups_per_step)")
+        for o in self.data.offline:
+            self.skipped.update({f"offline/{k}": v for k, v in o.skipped.items()})
 
     def fleet(self, make_actor: Callable[[str], object]) -> RolloutFleet:
         A = self.cfg.actors
@@ -64,6 +83,9 @@ class RunParts:
         if n is not None and n != state.rollout_actors and self.push_backend is not None:
             self._fleet.events.append({"event": "scale_refused", "actor": f"{n} requested",
                                        "error": f"weights.transport={self.push_backend} keeps the fleet fixed"})
+        elif n is not None and n != state.rollout_actors and not self.rollout_actors:
+            self._fleet.events.append({"event": "scale_refused", "actor": f"{n} requested",
+                                       "error": "data.offline_fraction 1.0: a purely offline run has no rollout actors"})
         elif n is not None and n != state.rollout_actors:
             state.rollout_actors = n
             self._fleet.scale_to(n)
@@ -105,7 +127,9 @@ class RunParts:
                          samples=(cfg.log_samples_every, cfg.log_samples))
         if not start_step:
             log.event({"step": 0, "event": "data", "train": cfg.data.train, "prompts": len(self.data.train.prompts),
-                       "skipped": self.data.train.skipped, "eval_prompts": len(self.data.eval)})
+                       "skipped": self.data.train.skipped, "eval_prompts": len(self.data.eval),
+                       "offline": {o.name: {"groups": o.groups, "rows": o.table.num_rows, "skipped": o.skipped}
+                                   for o in self.data.offline}})
         if start_step:
             log.event({"step": start_step, "event": "resumed", "path": resumed_from})
         return log, read_history(self.run_dir, start_step) if start_step else []

@@ -25,7 +25,8 @@ def placement(cfg: RunConfig) -> list[dict]:
     """Which actors the run starts and what each reserves."""
     rows = [{"actor": "replay_buffer", "count": 1, "num_cpus": 0, "num_gpus": 0}]
     A, L = cfg.actors, cfg.learner
-    rows.append({"actor": "rollout", "count": A.num_actors, "num_cpus": A.num_cpus,
+    actors = 0 if cfg.data.offline_fraction == 1.0 else A.num_actors  # a purely offline run starts none
+    rows.append({"actor": "rollout", "count": actors, "num_cpus": A.num_cpus,
                  # a tensor-parallel actor reserves a placement group of one whole GPU per worker, on one node
                  "num_gpus": gpus_per_actor(cfg), "resources": A.resources})
     rows.append({"actor": "learner_rank", "count": L.num_ranks, "num_cpus": L.num_cpus, "num_gpus": L.num_gpus, "resources": L.resources})
@@ -43,6 +44,8 @@ def resource_requests(cfg: RunConfig) -> dict[str, dict[str, float]]:
     gpus = "tensor_parallel_size" if A.tensor_parallel_size > 1 else "num_gpus"
     out = {f"actors.num_cpus/{gpus}/resources": {"CPU": A.num_cpus, "GPU": gpus_per_actor(cfg), **A.resources},
            "learner.num_cpus/num_gpus/resources": {"CPU": L.num_cpus, "GPU": L.num_gpus, **L.resources}}
+    if cfg.data.offline_fraction == 1.0:  # no rollout actor starts
+        del out[f"actors.num_cpus/{gpus}/resources"]
     if L.placement_strategy == "STRICT_PACK":  # every rank on one node
         out["learner.placement_strategy"] = {r: v * L.num_ranks for r, v in out["learner.num_cpus/num_gpus/resources"].items()}
     return out
@@ -141,6 +144,9 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     print(f"relay: data.train {cfg.data.train}: {len(data.train.prompts)} prompts"
           + (f", skipped {data.train.skipped}" if data.train.skipped else "")
           + (f"; data.eval {cfg.data.eval}: {len(data.eval)} prompts" if cfg.data.eval else ""), file=sys.stderr)
+    for o in data.offline:
+        print(f"relay: data.offline {o.name}: {o.table.num_rows} rows in {o.groups} groups"
+              + (f", skipped {o.skipped}" if o.skipped else ""), file=sys.stderr)
     started = init_ray(cfg)
     try:
         check_fits(resource_requests(cfg), ray.nodes())

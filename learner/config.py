@@ -56,6 +56,10 @@ class LearnerConfig(BaseModel):
     track_ref_kl: bool = False
     """Also hold a frozen reference model, only to report kl_to_ref, when the objective does not need one
     (it costs a second model in memory and a forward pass per step)."""
+    behaviour_fill: Literal["policy", "reference"] = "policy"
+    """What replaces unknown (NaN) behaviour log-probs, e.g. offline rows without them, before any loss: the
+    learner's own current log-probs, detached (ratio 1), or the reference model's (loaded for it). The launcher
+    sets reference when a data.offline source has `behaviour: reference`."""
     gradient_checkpointing: bool = False
     """Recompute each transformer layer's activations in backward instead of keeping them (transformers'
     gradient_checkpointing_enable): less memory on long sequences for about one more forward pass."""

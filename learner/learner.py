@@ -59,6 +59,20 @@ def deepspeed_config(cfg: LearnerConfig, rows_per_micro: int) -> dict:
     return ds
 
 
+def fill_behaviour(behaviour: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                   fill: str) -> torch.Tensor:
+    """Behaviour log-probs (B, T) with every unknown (non-finite) entry replaced, so nothing non-finite reaches a
+    loss: by the reference model's log-probs (`learner.behaviour_fill: reference`: it produced those rows), else
+    by the learner's own detached ones (ratio 1: the row is treated as on-policy)."""
+    unknown = ~torch.isfinite(behaviour)  # (B, T)
+    if not bool(unknown.any()):
+        return behaviour
+    if fill == "reference" and ref_logp is None:
+        raise ValueError("learner.behaviour_fill is reference, but no reference log-probs were computed")
+    source = ref_logp if fill == "reference" else logp.detach().float()  # (B, T)
+    return torch.where(unknown, source, behaviour)
+
+
 class Learner:
     def __init__(self, cfg: LearnerConfig, model_path: str, group_size: int, temperature: float,
                  rank: int = 0, world_size: int = 1):
@@ -95,7 +109,7 @@ class Learner:
             self.engine.enable_backward_allreduce = False
         self.engine.train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
         self.ref = None
-        if needs_reference(cfg.objective) or cfg.track_ref_kl:
+        if needs_reference(cfg.objective) or cfg.track_ref_kl or cfg.behaviour_fill == "reference":
             self.ref = self._load_reference(dtype)
         self.step = 0  # optimizer steps taken == the version of the weights this learner holds
         self._readers: list = []  # publishes still reading the live parameters (callables that wait for them)
@@ -219,16 +233,18 @@ class Learner:
             mb = full.take(rows)
             logp, entropy = self._forward(self.engine, mb)  # (b, t), (b, t)
             mask, width = mb.resp_mask.to(self.device), mb.resp_mask.shape[1]
+            ref = None if ref_logp is None else ref_logp[rows, :width].to(self.device)  # (b, t)
+            behaviour = mb.behaviour_logp.to(self.device)  # (b, t), NaN where unknown (offline rows)
             inputs = LossInputs(
-                logp=logp.float(), behaviour_logp=mb.behaviour_logp.to(self.device), mask=mask,
-                rewards=mb.rewards.to(self.device), group_ids=mb.group_ids.to(self.device),
-                ref_logp=None if ref_logp is None else ref_logp[rows, :width].to(self.device),
+                logp=logp.float(), behaviour_logp=fill_behaviour(behaviour, logp, ref, self.cfg.behaviour_fill),
+                mask=mask, rewards=mb.rewards.to(self.device), group_ids=mb.group_ids.to(self.device),
+                ref_logp=ref,
                 prox_logp=None if prox_logp is None else prox_logp[rows, :width].to(self.device),
                 step=ctx.at(rows),
             )
             if measure:  # before any update of this step: the weights are version self.step
                 same = (mb.token_versions.to(self.device) == self.step) & (mask > 0)  # (b, t)
-                self.mismatch_rows[rows] = token_mismatch(logp, inputs.behaviour_logp, same)
+                self.mismatch_rows[rows] = token_mismatch(logp, behaviour, same)  # unknown (NaN) ones are ignored
             loss, metrics = compute_loss(self.cfg.objective, inputs)
             self.engine.backward(loss)
             total += float(loss.detach())

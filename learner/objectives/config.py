@@ -159,3 +159,15 @@ class ObjectiveConfig(BaseModel):
             if getattr(self, knob) != type(self).model_fields[knob].default:
                 raise ValueError(f"{knob}={getattr(self, knob)!r} is not read by objective {self.name!r}; "
                                  f"it reads {', '.join(sorted(READS[self.name]))}")
+
+
+# Objectives whose loss never reads behaviour_logp: they may train on offline rows whose behaviour policy is
+# unknown (data.offline behaviour: none). Every other objective forms a ratio, clip, weight or penalty with it.
+BEHAVIOUR_FREE = frozenset({"reinforce", "asymre", "kl_pg", "agro", "agro_on_policy", "dpo", "ipo"})
+
+
+def reads_behaviour(cfg: ObjectiveConfig) -> bool:
+    """Whether the objective's loss reads behaviour log-probs (rec only through its clip, weight or k2 penalty)."""
+    if cfg.name == "rec":
+        return cfg.rec_clip != "none" or cfg.rec_weight != "none" or cfg.rec_regulariser == "k2"
+    return cfg.name not in BEHAVIOUR_FREE
