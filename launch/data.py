@@ -5,7 +5,7 @@ A row is a mapping with a text prompt (`data.prompt_key`) or a chat (`data.messa
 source tag; every other field is kept as metadata for the reward. .jsonl files are read line by line (a line
 that is not JSON is one skipped row, not a failed file), .json and .parquet directly, anything else through
 `datasets.load_dataset`. Malformed rows are counted by reason and skipped; a source with no usable row is an
-error naming the source and the reasons. `prepare_prompts` then renders every row once with the run's tokenizer
+error naming the source and the reasons. `launch.run_data.prepare_prompts` then renders every row once with the run's tokenizer
 (actors/prompts.py) and skips, counted, rows too long for `data.max_prompt_len` or the model's context.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from actors.prompts import Prompt, PromptFormat, has_chat_template, render_all
-from launch.config import PACKAGED_BUILDERS, DataConfig, RunConfig
+from launch.config import PACKAGED_BUILDERS, DataConfig
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -207,35 +207,6 @@ def render_prompts(prompt_set: PromptSet, tokenizer, fmt: PromptFormat, max_len:
         raise DataError(f"prompt source {source}: no row fits (longest allowed prompt: {max_len} tokens; "
                         f"skipped by reason: {dict(skipped)})")
     return PromptSet(kept, dict(skipped))
-
-
-@dataclass
-class RunData:
-    train: PromptSet
-    eval: list[Prompt]
-    offline: list = field(default_factory=list)  # launch.offline_data.OfflineSet per data.offline source
-
-
-def prepare_prompts(cfg: RunConfig, model_path: str, rewards=None) -> RunData:
-    """The run's training and evaluation prompts, loaded, checked and rendered with the model's tokenizer, before
-    any actor starts. `rewards` (actors.rewards.Rewards) checks that every row's data_source has a reward."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    D, fmt = cfg.data, prompt_format(cfg.data)
-    max_len = cfg.model.max_model_len - cfg.actors.max_tokens
-    if D.max_prompt_len is not None:
-        max_len = min(max_len, D.max_prompt_len)
-    train = render_prompts(load_prompts(D.train, D), tokenizer, fmt, max_len, D.train)
-    evals = render_prompts(load_prompts(D.eval, D, D.eval_split), tokenizer, fmt, max_len, D.eval) if D.eval else None
-    if rewards is not None:
-        sources = [p.data_source for p in train.prompts + (evals.prompts if evals else [])]
-        if missing := rewards.unrouted(sources):
-            raise DataError(f"config key 'actors.reward': no reward for data_source {missing} (add them to the "
-                            "mapping, or a `default` entry)")
-    from launch.offline_data import load_offline
-
-    return RunData(train, evals.prompts if evals else [], load_offline(cfg, tokenizer))
 
 
 class PromptStream:

@@ -15,7 +15,8 @@ from actors.actor import place_rollout_actor
 from buffer.actor import make_buffer_actor
 from launch.config import RunConfig
 from launch.control import ControlFile
-from launch.data import PromptStream, RunData, prepare_prompts
+from launch.data import PromptStream
+from launch.run_data import RunData, prepare_prompts
 from launch.fleet import RolloutFleet
 from launch.ledger import ledger, summarize
 from launch.metrics import MetricsLog, read_history

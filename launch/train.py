@@ -130,7 +130,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
 
     from actors.rewards import Rewards
     from common.seeding import seed_everything
-    from launch.data import prepare_prompts, prompt_format
+    from launch.data import prompt_format
+    from launch.run_data import prepare_prompts
     from launch.loop import Launcher
     from launch.model import build_default_model
 

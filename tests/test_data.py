@@ -10,7 +10,8 @@ import pytest
 
 from actors.prompts import Prompt, PromptFormat, render_all
 from launch.config import ConfigError, DataConfig, load_config
-from launch.data import DataError, load_prompts, prepare_prompts, render_prompts
+from launch.data import DataError, load_prompts, render_prompts
+from launch.run_data import prepare_prompts
 from launch.model import CHAT_TEMPLATE, train_tokenizer
 
 ROWS = [
