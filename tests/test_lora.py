@@ -1,5 +1,6 @@
 """LoRA on the learner (issue 20, learner side): PEFT adapters on the DeepSpeed engine, merged weights for the
-generators, exact resume, and final/ in both formats. DeepSpeed under ZeRO 0, 2 and 3 on a micro model."""
+generators, exact resume, and final/ in both formats. DeepSpeed under ZeRO 0 and 2 on a micro model
+(ZeRO-3 is refused at config time: see LearnerConfig._lora_zero)."""
 from __future__ import annotations
 
 import pytest
@@ -41,25 +42,25 @@ def test_lora_config_refuses_bad_values():
     for bad in ({"rank": 0}, {"alpha": 0}, {"dropout": 1.0}, {"target_modules": []}, {"r": 8}):
         with pytest.raises(ValidationError, match="lora"):
             LearnerConfig(lora=bad)
+    with pytest.raises(ValidationError, match="learner.lora.*zero_stage"):
+        LearnerConfig(lora={}, zero_stage=3)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [0, 2])
 def test_only_adapters_train_and_full_state_is_the_peft_merge(micro_model_dir, dist_env, stage):
     """Base weights frozen and untouched by a step; DeepSpeed's optimizer holds the adapters only; full_state has
     exactly the base model's keys and equals PEFT's merge_and_unload of the same adapter within 1e-6."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    learner = lora_learner(micro_model_dir, zero_stage=stage, zero3_persistence_threshold=0 if stage == 3 else None)
+    learner = lora_learner(micro_model_dir, zero_stage=stage)
     module = learner.engine.module
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    n_adapter = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in module.named_parameters()
-                    if n in trainable)
-    opt_params = [p for g in learner.engine.optimizer.param_groups for p in g["params"]]
-    opt_numel = sum(p.numel() for p in opt_params)
-    # ZeRO-2/3 hand the optimizer flat fp32 partitions of the trainable parameters (one rank: all of them)
+    n_adapter = sum(p.numel() for n, p in module.named_parameters() if n in trainable)
+    # ZeRO-2 hands the optimizer flat fp32 copies of the trainable parameters (one rank: all of them)
+    opt_numel = sum(p.numel() for g in learner.engine.optimizer.param_groups for p in g["params"])
     assert opt_numel == n_adapter, (opt_numel, n_adapter)
 
     base = AutoModelForCausalLM.from_pretrained(micro_model_dir, dtype=torch.float32)
