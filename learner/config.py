@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from learner.objectives import ObjectiveConfig
 
@@ -97,13 +97,3 @@ class LearnerConfig(BaseModel):
     that need one is the base model (the adapter disabled), so no second copy is held."""
     seed: int = 0
     """Seeds Python, NumPy and torch in every rank before the model is built (defaults to the run's seed)."""
-
-    @model_validator(mode="after")
-    def _lora_zero(self) -> LearnerConfig:
-        if self.lora is not None and self.zero_stage == 3:
-            # Measured: the first backward fails in torch.utils.checkpoint's recompute of the head chunk
-            # (learner/batch.py _checkpointed): the frozen, partitioned lm_head is not gathered again there.
-            raise ValueError("config key 'learner.lora': LoRA runs under learner.zero_stage 0, 1 or 2, not 3 (the frozen "
-                             "ZeRO-3-partitioned head is not re-gathered in the chunked log-prob backward)")
-        return self
-
