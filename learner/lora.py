@@ -33,7 +33,7 @@ def wrap(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
 
 
 def base_name(name: str) -> str:
-    """The base model's name of a PEFT-wrapped parameter or buffer (`...q_proj.base_layer.weight` -> `...q_proj.weight`)."""
+    """The base model's name of a PEFT-wrapped tensor (`...q_proj.base_layer.weight` -> `...q_proj.weight`)."""
     return name.removeprefix(PREFIX).replace(".base_layer.", ".")
 
 
