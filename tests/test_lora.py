@@ -103,6 +103,20 @@ def test_zero3_trains_the_same_adapters_as_zero0(micro_model_dir, dist_env):
 
 
 @pytest.mark.slow
+def test_gradient_checkpointing_trains_the_same_adapters(micro_model_dir, dist_env):
+    """PEFT adapters under transformers' (non-reentrant) gradient checkpointing: the frozen embeddings' output
+    needs no grad for the adapters inside each layer to get theirs."""
+    runs = []
+    for checkpointing in (False, True):
+        learner = lora_learner(micro_model_dir, gradient_checkpointing=checkpointing)
+        losses = [learner.train_step(ragged_batch())["loss"] for _ in range(2)]
+        runs.append((losses, adapters(learner)))
+    assert runs[1][0] == pytest.approx(runs[0][0], abs=1e-6)
+    for k, v in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][k], v, atol=1e-6, rtol=0, msg=k)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_lora_checkpoint_resumes_exactly(micro_model_dir, dist_env, tmp_path, stage):
     """Train, save, a new learner loads: identical adapter tensors and an identical next step (loss and adapters)."""
