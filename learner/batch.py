@@ -218,14 +218,34 @@ def _checkpointed(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor,
     # Keep h only; the chunk's logits are rebuilt in backward. The entropy (no grad) is computed in the first
     # pass only: the recomputation in backward skips it.
     entropy: list[torch.Tensor] = []
+    frozen_zero3 = hasattr(head.weight, "ds_id") and not head.weight.requires_grad  # LoRA under ZeRO-3
 
     def logp_only(h: torch.Tensor) -> torch.Tensor:
-        logp, ent = _chunk_logprobs(head, h, targets, temperature, fp32, not entropy)
+        # ZeRO-3 frees a frozen parameter after its module's forward unless a module's backward is under way,
+        # which this recompute (a function's) is not: the matmul's saved weight would be empty in backward.
+        # A frozen head needs no gradient, so the chunk uses a gathered copy outside ZeRO's hooks instead.
+        logp, ent = _chunk_logprobs(_gathered_copy(head) if frozen_zero3 else head, h, targets, temperature, fp32,
+                                    not entropy)
         entropy.append(ent)
         return logp
 
     logp = torch.utils.checkpoint.checkpoint(logp_only, h, use_reentrant=False)
     return logp, entropy[0]
+
+
+def _gathered_copy(head: torch.nn.Linear) -> torch.nn.Linear:
+    """A plain frozen Linear holding a full copy of a ZeRO-3-partitioned head's weight (every rank must call)."""
+    import deepspeed
+
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        weight = head.weight.detach().clone()  # (V, H)
+        bias = None if head.bias is None else head.bias.detach().clone()
+    plain = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        plain.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return plain
 
 
 def head_logits(head: torch.nn.Module, h: torch.Tensor, fp32: bool, temperature: float = 1.0) -> torch.Tensor:

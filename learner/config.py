@@ -8,6 +8,23 @@ from pydantic import BaseModel, ConfigDict, Field
 from learner.objectives import ObjectiveConfig
 
 
+class LoraConfig(BaseModel):
+    """Low-rank adapters (PEFT's LoRA) on the policy: the base weights stay frozen and the optimizer holds the
+    adapters only. Generators still receive merged full weights (W + B A * alpha / rank) under the base names."""
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(16, gt=0)
+    """Adapter rank r: each targeted (out, in) weight gains B (out, r) @ A (r, in)."""
+    alpha: float = Field(32.0, gt=0)
+    """Scale numerator: the update is B A * alpha / rank."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input during training (the recomputed log-probs then vary; 0 keeps them exact)."""
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1)
+    """Module names (suffixes) that get adapters, as PEFT reads them; "all-linear" = every linear but the head."""
+
+
 class LearnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -79,5 +96,8 @@ class LearnerConfig(BaseModel):
     """Ray placement group strategy for the ranks (one bundle each); STRICT_PACK keeps them on one node."""
     placement_timeout_s: float = Field(300.0, gt=0)
     """Longest wait for Ray to reserve every rank's bundle before the run fails naming the bundles."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of every weight (None = full fine-tuning). The reference model of objectives
+    that need one is the base model (the adapter disabled), so no second copy is held."""
     seed: int = 0
     """Seeds Python, NumPy and torch in every rank before the model is built (defaults to the run's seed)."""

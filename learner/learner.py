@@ -16,6 +16,7 @@ import torch
 
 from common.seeding import seed_everything
 from learner.batch import TrainBatch, micro_batches, response_logprobs, shard_groups, staleness_stats, to_tensors
+from learner import lora
 from learner.config import LearnerConfig
 from learner.mismatch import by_generator, token_mismatch
 from learner.objectives import (LossInputs, compute_loss, needs_proximal, needs_reference, needs_whole_groups,
@@ -96,6 +97,8 @@ class Learner:
         model.config.use_cache = False
         if cfg.gradient_checkpointing:  # before DeepSpeed wraps the model; non-reentrant also works under ZeRO-3
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora is not None:  # base weights frozen: DeepSpeed below gets (and its optimizer holds) adapters only
+            model = lora.wrap(model, cfg.lora)
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
         groups_per_rank = cfg.groups_per_step // world_size
         self.rows_per_micro = min(cfg.micro_batch_groups, groups_per_rank) * group_size
@@ -109,7 +112,10 @@ class Learner:
             self.engine.enable_backward_allreduce = False
         self.engine.train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
         self.ref = None
-        if needs_reference(cfg.objective) or cfg.track_ref_kl or cfg.behaviour_fill == "reference":
+        # With LoRA the reference is the base model: the policy with its adapter disabled, no second copy.
+        wants_ref = needs_reference(cfg.objective) or cfg.track_ref_kl or cfg.behaviour_fill == "reference"
+        self.ref_is_base = cfg.lora is not None and wants_ref
+        if cfg.lora is None and wants_ref:
             self.ref = self._load_reference(dtype)
         self.step = 0  # optimizer steps taken == the version of the weights this learner holds
         self._readers: list = []  # publishes still reading the live parameters (callables that wait for them)
@@ -177,6 +183,17 @@ class Learner:
             out[rows, :logp.shape[1]] = logp
         return out
 
+    def _reference_logp(self, full: TrainBatch, plan: list[torch.Tensor]) -> torch.Tensor | None:
+        """Log-probs (B, T) under the reference: the frozen copy, or with LoRA the policy with its adapter disabled."""
+        if not self.ref_is_base:
+            return self._frozen_logp(self.ref, full, plan) if self.ref is not None else None
+        self.engine.eval()
+        try:
+            with self.engine.module.disable_adapter():
+                return self._frozen_logp(self.engine.module, full, plan)
+        finally:
+            self.engine.train()
+
     def train_step(self, batch: pa.RecordBatch) -> dict[str, float]:
         """One optimizer step (or `updates_per_batch`) on this rank's groups of `batch`; returns rank-averaged metrics."""
         t0 = time.perf_counter()
@@ -190,7 +207,7 @@ class Learner:
         """train_step on this rank's rows as tensors; `t0` is when the step started (for learner_step_s)."""
         t0 = time.perf_counter() if t0 is None else t0
         plan = self._plan(full)
-        ref_logp = self._frozen_logp(self.ref, full, plan) if self.ref is not None else None
+        ref_logp = self._reference_logp(full, plan)
         prox_logp = None
         if needs_proximal(self.cfg.objective) or self.cfg.updates_per_batch > 1:
             self.engine.eval()
@@ -287,13 +304,25 @@ class Learner:
                 return None
             # copies: gathered ZeRO-3 storage is freed on exit, and ZeRO 0-2 storage changes at the next step
             copy = copy or zero3
-            state = {name: p.detach().to("cpu", copy=copy)
-                     for name, p in module.named_parameters(remove_duplicate=False)}
+            if self.cfg.lora is not None:  # merged W + B A * scale under the base names, until adapter-only sync
+                state = lora.merged_state(module, copy)
+            else:
+                state = {name: p.detach().to("cpu", copy=copy)
+                         for name, p in module.named_parameters(remove_duplicate=False)}
         for name, buf in module.named_buffers(remove_duplicate=False):
             owner, _, leaf = name.rpartition(".")
             if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
-                state[name] = buf.detach().to("cpu", copy=copy)
+                state[lora.base_name(name)] = buf.detach().to("cpu", copy=copy)
         return state
+
+    def adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """The LoRA adapter's tensors (PEFT names, CPU copies) on rank 0, None elsewhere; every rank must call."""
+        import deepspeed
+
+        module = self.engine.module
+        params = [p for name, p in module.named_parameters() if lora.is_adapter(name)]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.zero_stage == 3):
+            return lora.adapter_state(module) if self.rank == 0 else None
 
     def hold_weights(self, wait) -> None:
         """A publish goes on reading the live parameters after it returned (object-store publishing copies them
@@ -323,15 +352,21 @@ class Learner:
         return handle, time.perf_counter() - t0
 
     def save_pretrained(self, out_dir: str) -> str | None:
-        """Hugging Face format (safetensors) that transformers and vLLM both load; written then renamed."""
+        """Hugging Face format (safetensors) that transformers and vLLM both load; written then renamed.
+        With LoRA: the merged weights there, and the adapter in PEFT's format under `adapter/`."""
+        adapter = self.adapter_state() if self.cfg.lora is not None else None
         state = self.full_state()
         if state is None:
             return None
         out = Path(out_dir)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        state = {k: v for k, v in state.items() if k != "lm_head.weight" or not self.engine.module.config.tie_word_embeddings}
-        self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        module = self.engine.module
+        base = module.get_base_model() if self.cfg.lora is not None else module
+        state = {k: v for k, v in state.items() if k != "lm_head.weight" or not base.config.tie_word_embeddings}
+        base.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if adapter is not None:  # adapter_config.json + adapter_model.safetensors; PeftModel.from_pretrained reads them
+            module.save_pretrained(tmp / "adapter", state_dict=adapter, safe_serialization=True)
         for name in TOKENIZER_FILES:
             src = Path(self.model_path) / name
             if src.exists():
@@ -347,8 +382,10 @@ class Learner:
 
         DeepSpeed decides what each ZeRO stage saves; `learner/safe_state.py` writes it as safetensors + JSON
         (no pickles). The weights users and generators load are written separately by `save_pretrained`."""
+        # With LoRA the frozen base is the model directory's: only the adapters (and their optimizer) are saved.
         self.engine.save_checkpoint(directory, tag="state", save_latest=False,
-                                    client_state={"step": self.step, "torch_rng": torch.get_rng_state()})
+                                    client_state={"step": self.step, "torch_rng": torch.get_rng_state()},
+                                    exclude_frozen_parameters=self.cfg.lora is not None)
         if self.rank == 0:  # DeepSpeed's recovery scripts read pickles only; model/ holds the full weights
             for script in ("zero_to_fp32.py", "zero_to_torch.py"):
                 Path(directory, script).unlink(missing_ok=True)
@@ -356,7 +393,8 @@ class Learner:
     def load_checkpoint(self, directory: str) -> int:
         """Restore what `save_checkpoint` wrote; returns the restored step (the policy version)."""
         self.release_weights()
-        path, client = self.engine.load_checkpoint(directory, tag="state")
+        # LoRA checkpoints hold no frozen base weights, so the module load is not strict (they stay as loaded)
+        path, client = self.engine.load_checkpoint(directory, tag="state", load_module_strict=self.cfg.lora is None)
         if path is None:
             raise FileNotFoundError(f"learner checkpoint {directory}: no DeepSpeed state under tag 'state'")
         self.step = int(client["step"])
