@@ -272,20 +272,7 @@ def validate(cfg: RunConfig) -> None:
         if source and not source.startswith("synthetic:") and source not in PACKAGED_BUILDERS \
                 and _looks_local(source) and not Path(source).expanduser().exists():
             raise ConfigError(f"config key {key!r}: dataset file {source} does not exist")
-    if A.weight_update_mode == "in_flight" and pushes(cfg.weights.transport):
-        pull = ", ".join(n for n in TRANSPORTS if not pushes(n))
-        raise ConfigError(f"config key 'actors.weight_update_mode': in_flight works with weights.transport {pull}, "
-                          f"not {cfg.weights.transport!r} (a push transport is not wired to pause/resume)")
-    if cfg.weights.transport == "shared_memory" and A.num_gpus > 0:
-        raise ConfigError("config key 'weights.transport': shared_memory serves generators on CPU; with "
-                          "actors.num_gpus > 0 use nccl (or object_store)")
-    if cfg.weights.transport == "shared_memory" and A.cpu_weight_layout != "plain":
-        raise ConfigError("config key 'weights.transport': shared_memory serves vLLM's plain CPU weight layout; "
-                          f"actors.cpu_weight_layout is {A.cpu_weight_layout!r}")
-    if cfg.weights.transport == "nccl" and (A.num_gpus <= 0 or L.num_gpus <= 0):
-        raise ConfigError("config key 'weights.transport': nccl broadcasts from the learner's GPU to the generators' "
-                          f"GPUs, but actors.num_gpus={A.num_gpus} and learner.num_gpus={L.num_gpus}: give both GPUs, "
-                          "or use object_store / shared_memory on CPU")
+    _check_transport(cfg)
     if A.top_p < 1.0 or A.top_k > 0:
         key = "actors.top_p" if A.top_p < 1.0 else "actors.top_k"
         raise ConfigError(f"config key {key!r}: the learner's log-probs are of the whole softmax at actors.temperature, "
@@ -323,6 +310,25 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'actors.prompts_per_request': {A.prompts_per_request} exceeds the {window} groups the staleness bound admits at once")
     if B.capacity_groups < L.groups_per_step or B.min_size_groups > B.capacity_groups:
         raise ConfigError(f"config key 'buffer.capacity_groups': {B.capacity_groups} cannot hold one step of {L.groups_per_step} groups")
+
+
+def _check_transport(cfg: RunConfig) -> None:
+    """Weight transports against where generators and the learner run, and how generators take new weights."""
+    A, L = cfg.actors, cfg.learner
+    if A.weight_update_mode == "in_flight" and pushes(cfg.weights.transport):
+        pull = ", ".join(n for n in TRANSPORTS if not pushes(n))
+        raise ConfigError(f"config key 'actors.weight_update_mode': in_flight works with weights.transport {pull}, "
+                          f"not {cfg.weights.transport!r} (a push transport is not wired to pause/resume)")
+    if cfg.weights.transport == "shared_memory" and A.num_gpus > 0:
+        raise ConfigError("config key 'weights.transport': shared_memory serves generators on CPU; with "
+                          "actors.num_gpus > 0 use nccl (or object_store)")
+    if cfg.weights.transport == "shared_memory" and A.cpu_weight_layout != "plain":
+        raise ConfigError("config key 'weights.transport': shared_memory serves vLLM's plain CPU weight layout; "
+                          f"actors.cpu_weight_layout is {A.cpu_weight_layout!r}")
+    if cfg.weights.transport == "nccl" and (A.num_gpus <= 0 or L.num_gpus <= 0):
+        raise ConfigError("config key 'weights.transport': nccl broadcasts from the learner's GPU to the generators' "
+                          f"GPUs, but actors.num_gpus={A.num_gpus} and learner.num_gpus={L.num_gpus}: give both GPUs, "
+                          "or use object_store / shared_memory on CPU")
 
 
 def _check_engine(cfg: RunConfig) -> None:
