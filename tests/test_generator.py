@@ -108,6 +108,29 @@ def test_evaluation_hands_the_engine_the_prompt_ids_training_does(generator, mon
     assert generator.engine.tokenizer(prompts[0].text)["input_ids"] != trained[0], "the tokenizer's defaults add nothing here"
 
 
+def test_chat_prompts_are_stored_as_rendered_with_their_source_and_decoded_samples(generator):
+    """A chat prompt reaches the engine as the chat template renders it; those ids are what the Rollout stores,
+    tagged with the row's data_source; the samples a request hands back decode the prompt template included."""
+    from actors.generator import Prompt
+    from buffer.schema import rollouts_from_arrow
+
+    chat = [{"role": "user", "content": "1+2="}]  # the tiny tokenizer knows the arithmetic task's characters only
+    prompts = [Prompt("c", "1+2=", "3", messages=chat, data_source="chat"), Prompt("t", "2+2=", "4")]
+    res = generator.generate(prompts)
+    rows = rollouts_from_arrow(res.batch)
+    tok = generator.engine.tokenizer
+    want = tok.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    chat_rows = [r for r in rows if r.prompt_id == "c"]
+    assert len(chat_rows) == 4 and all(r.token_ids[:r.prompt_len] == want for r in chat_rows)
+    assert {r.data_source for r in rows} == {"chat", ""}
+    sample = res.samples[0]
+    assert sample["prompt"] == "<|im_start|>user\n1+2=<|im_end|>\n<|im_start|>assistant\n"
+    assert (sample["answer"], sample["source"], sample["policy_version"]) == ("3", "chat", generator.version)
+    assert sample["response"] == chat_rows[0].response_text and sample["reward"] == chat_rows[0].reward
+
+
+# Last in this file: it builds and closes its own engines, and closing an in-process vLLM engine tears down the
+# process's model-parallel groups, which the module's `generator` fixture still needs.
 @pytest.fixture(scope="module")
 def untrained_model_dir(tmp_path_factory) -> str:
     """The tiny model without its warm start: near-uniform over its 14 tokens, so responses run long enough to
@@ -165,24 +188,3 @@ def test_stop_strings_and_stop_ids_end_generation_with_the_sampled_tokens(untrai
     gen.close()
     del gen
     gc.collect()
-
-
-def test_chat_prompts_are_stored_as_rendered_with_their_source_and_decoded_samples(generator):
-    """A chat prompt reaches the engine as the chat template renders it; those ids are what the Rollout stores,
-    tagged with the row's data_source; the samples a request hands back decode the prompt template included."""
-    from actors.generator import Prompt
-    from buffer.schema import rollouts_from_arrow
-
-    chat = [{"role": "user", "content": "1+2="}]  # the tiny tokenizer knows the arithmetic task's characters only
-    prompts = [Prompt("c", "1+2=", "3", messages=chat, data_source="chat"), Prompt("t", "2+2=", "4")]
-    res = generator.generate(prompts)
-    rows = rollouts_from_arrow(res.batch)
-    tok = generator.engine.tokenizer
-    want = tok.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
-    chat_rows = [r for r in rows if r.prompt_id == "c"]
-    assert len(chat_rows) == 4 and all(r.token_ids[:r.prompt_len] == want for r in chat_rows)
-    assert {r.data_source for r in rows} == {"chat", ""}
-    sample = res.samples[0]
-    assert sample["prompt"] == "<|im_start|>user\n1+2=<|im_end|>\n<|im_start|>assistant\n"
-    assert (sample["answer"], sample["source"], sample["policy_version"]) == ("3", "chat", generator.version)
-    assert sample["response"] == chat_rows[0].response_text and sample["reward"] == chat_rows[0].reward
