@@ -63,7 +63,8 @@ def join(address: str, timeout_s: float) -> None:
 
 def _auth_state() -> str:
     mode = os.environ.get("RAY_AUTH_MODE")
-    has_token = (bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "/nonexistent")).is_file()
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    has_token = (bool(os.environ.get("RAY_AUTH_TOKEN")) or bool(token_path and Path(token_path).is_file())
                  or (Path.home() / ".ray" / "auth_token").is_file())
     return f"RAY_AUTH_MODE is {mode!r} and {'a' if has_token else 'no'} token is available here"
 

@@ -69,7 +69,7 @@ class RunParts:
         for o in self.data.offline:
             self.skipped.update({f"offline/{k}": v for k, v in o.skipped.items()})
 
-    def fleet(self, make_actor: Callable[[str], object]) -> RolloutFleet:
+    def fleet(self, make_actor: Callable[[str, object], object]) -> RolloutFleet:
         A = self.cfg.actors
         self._fleet = RolloutFleet(make_actor, A.max_failures, place=lambda: place_rollout_actor(A))
         self._control = ControlFile(self.run_dir)  # from now on, control.json steers this fleet
