@@ -48,6 +48,7 @@ class GenerationResult:
     put: Any = None  # ObjectRef of the buffer's put of `batch` (groups stored, -1 for a refused duplicate)
     reward_faults: dict[str, int] = field(default_factory=dict)  # samples scored 0 because the reward failed, by reason
     samples: list[dict] = field(default_factory=list)  # a few decoded rows (prompt as the model saw it, response, ...)
+    skipped_by_source: dict[str, int] = field(default_factory=dict)  # data_source -> groups skipped
 
 
 class Generator:
@@ -168,10 +169,12 @@ class Generator:
         self._check_whole()
         t0, loading0 = time.time(), self.engine.loading_s()
         skipped: Counter[str] = Counter()
+        by_source: Counter[str] = Counter()  # the same skips, by the prompt's data_source
         kept, token_prompts = [], []
         for p, ids in zip(prompts, self.encode_all(prompts)):
             if len(ids) + self.cfg.max_tokens > self.max_model_len or not ids:
                 skipped["prompt_too_long" if ids else "prompt_empty"] += 1
+                by_source[p.data_source] += 1
                 continue
             kept.append(p)
             token_prompts.append(ids)
@@ -180,6 +183,7 @@ class Generator:
         for p, out in zip(kept, outputs):
             if reason := _unusable(out):
                 skipped[reason] += 1
+                by_source[p.data_source] += 1
             else:
                 usable.append((p, out))
         # every sample of the request in one scoring pass: a batched reward sees them all at once
@@ -192,7 +196,7 @@ class Generator:
         faults = Counter(r.reward_info for r in rows if r.reward_info)  # samples scored 0: the reward raised or was NaN
         return GenerationResult(batch, len(groups), tokens, self.version, time.time() - t0,
                                 self.engine.loading_s() - loading0, dict(skipped), reward_faults=dict(faults),
-                                samples=self._samples(usable, groups))
+                                samples=self._samples(usable, groups), skipped_by_source=dict(by_source))
 
     def _group(self, prompt: Prompt, out: Output, scores: list[tuple[float, str]], t_start: float) -> list[Rollout]:
         """One prompt's n samples as Rollouts. With per-token versions (in-flight), a row's policy_version is its
@@ -237,12 +241,18 @@ class Generator:
         return out
 
     def evaluate(self, prompts: list[Prompt]) -> dict[str, float]:
-        """Greedy decoding on held-out prompts, encoded as training encodes them: mean reward and response length."""
+        """Greedy decoding on held-out prompts, encoded as training encodes them: mean reward and response length,
+        and the mean reward of each data_source (eval/reward_mean/<source>)."""
         self._check_whole()
         outs = self.engine.sample(self.encode_all(prompts), self.sampling_params(greedy=True))
         scores = [s for s, _ in self.rewards.score(prompts, [o.outputs[0].text for o in outs])]
         lengths = [len(o.outputs[0].token_ids) for o in outs]
-        return {"eval/reward_mean": sum(scores) / len(scores), "eval/response_length_mean": sum(lengths) / len(lengths)}
+        per_source: dict[str, list[float]] = {}
+        for p, score in zip(prompts, scores):
+            if p.data_source:
+                per_source.setdefault(p.data_source, []).append(score)
+        return {"eval/reward_mean": sum(scores) / len(scores), "eval/response_length_mean": sum(lengths) / len(lengths),
+                **{f"eval/reward_mean/{k}": sum(v) / len(v) for k, v in per_source.items()}}
 
 
 def _unusable(out: Output) -> str:

@@ -20,6 +20,7 @@ from buffer.config import BufferConfig
 from learner.config import LearnerConfig
 from learner.objectives.config import READS
 from launch.offline_config import OfflineSourceConfig, check_offline
+from launch.sources_config import SourceConfig, check_data, looks_local, with_source_rewards
 from transport.registry import TRANSPORTS, pushes
 
 
@@ -70,6 +71,8 @@ class DataConfig(BaseModel):
     train: str = "synthetic:arithmetic"
     """Training prompts: synthetic:arithmetic; a .jsonl, .json or .parquet file; or any `datasets` source (a local
     directory or data file, a packaged builder such as json/parquet with data.load_kwargs, a hub name where online)."""
+    sources: list[SourceConfig] = []
+    """A mixture instead of data.train: sources with sampling weights and rewards (launch/sources_config.py)."""
     eval: str | None = None
     """Held-out prompts for greedy evaluation (same forms as data.train), or None."""
     eval_every: int = Field(0, ge=0)
@@ -188,6 +191,10 @@ class RunConfig(BaseModel):
         if any(s.behaviour == "reference" for s in self.data.offline) and "behaviour_fill" not in \
                 self.learner.model_fields_set:  # the learner computes those rows' behaviour log-probs
             self.learner = self.learner.model_copy(update={"behaviour_fill": "reference"})
+        # every source's reward is a route of actors.reward, so the rollout actors score each row by its source
+        reward = with_source_rewards(self.actors.reward, "reward" in self.actors.model_fields_set, self.data.sources)
+        if reward != self.actors.reward:
+            self.actors = self.actors.model_copy(update={"reward": reward})
         objective = self.learner.objective
         if "max_len" not in objective.model_fields_set and "max_len" in READS[objective.name]:
             objective = objective.model_copy(update={"max_len": self.actors.max_tokens})
@@ -225,6 +232,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
+    if not first["loc"] and "error" in first.get("ctx", {}):  # RunConfig's own validator: its message names the keys
+        return str(first["ctx"]["error"])
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"unknown config key {key!r}"
@@ -253,25 +262,16 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     return cfg
 
 
-PACKAGED_BUILDERS = ("json", "csv", "parquet", "arrow", "text")  # datasets.load_dataset names read data.load_kwargs
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
-
-
 def validate(cfg: RunConfig) -> None:
     """Rules that span components: each one would otherwise deadlock or fail late."""
     L, A, B = cfg.learner, cfg.actors, cfg.buffer
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("config key 'wandb': true, but the wandb package is not installed "
                           "(pip install 'relay-rl[wandb]', or set wandb false)")
-    if cfg.model.path is not None and _looks_local(cfg.model.path) and not Path(cfg.model.path).expanduser().exists():
+    if cfg.model.path is not None and looks_local(cfg.model.path) and not Path(cfg.model.path).expanduser().exists():
         raise ConfigError(f"config key 'model.path': {cfg.model.path} does not exist")
-    for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if source and not source.startswith("synthetic:") and source not in PACKAGED_BUILDERS \
-                and _looks_local(source) and not Path(source).expanduser().exists():
-            raise ConfigError(f"config key {key!r}: dataset file {source} does not exist")
+    if problem := check_data(cfg.data):  # prompt files exist; data.sources' rules
+        raise ConfigError(problem)
     _check_transport(cfg)
     if A.top_p < 1.0 or A.top_k > 0:
         key = "actors.top_p" if A.top_p < 1.0 else "actors.top_k"
@@ -289,8 +289,8 @@ def validate(cfg: RunConfig) -> None:
                           f"exceeds model.max_model_len={cfg.model.max_model_len}")
     if problem := check_offline(D, L, pushes(cfg.weights.transport)):
         raise ConfigError(problem)
-    if cfg.data.eval_every and not cfg.data.eval:
-        raise ConfigError("config key 'data.eval_every': set data.eval to a held-out prompt file as well")
+    if D.eval_every and not (D.eval or any(s.eval for s in D.sources)):
+        raise ConfigError("config key 'data.eval_every': set data.eval (or data.sources[i].eval) to held-out prompts")
     max_len = L.objective.max_len
     if max_len is not None and max_len < A.max_tokens:
         raise ConfigError(f"config key 'learner.objective.max_len': {max_len} is shorter than actors.max_tokens="

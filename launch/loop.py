@@ -24,7 +24,7 @@ from launch import checkpoint
 from launch.calls import Call, Calls
 from launch.config import RunConfig
 from launch.run_parts import RunParts, learner_died, step_record
-from launch.state import Request, RunState, Throughput
+from launch.state import Request, Throughput
 from transport.base import WeightHandle
 
 FINISHING = ("generate", "ack", "recorded", "evaluate")  # calls the end of a run waits for
@@ -37,7 +37,7 @@ class Launcher:
         self.cfg, self.run_dir = cfg, run_dir
         self.parts = RunParts(cfg, run_dir, model_path, data)  # buffer, learner ranks, transport, prompts
         self.buffer, self.ranks, self.transport = self.parts.buffer, self.parts.ranks, self.parts.transport
-        self.state = RunState(skipped=self.parts.skipped, rollout_actors=self.parts.rollout_actors)
+        self.state = self.parts.initial_state()
         self.handle: WeightHandle | None = None  # the newest published weights
         self.start_step, self.serving_path, self.resumed_from = 0, model_path, None
         self.calls = Calls()
@@ -163,8 +163,7 @@ class Launcher:
         if missing := len(req.prompts) - result.groups:  # groups that never arrive give their admission back
             self.buffer.release.remote(missing)
             self.releases += 1
-        self.state.skipped.update(result.skipped)
-        self.state.reward_faults.update(result.reward_faults)
+        self.state.count(result)  # skipped (by reason and by source), reward faults
         self.log.keep_samples(result.samples)
         self.throughput.add(result.groups * self.cfg.actors.n, result.tokens, result.gen_s)
         self.last_load_s = result.load_s or self.last_load_s

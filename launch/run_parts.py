@@ -15,7 +15,7 @@ from actors.actor import place_rollout_actor
 from buffer.actor import make_buffer_actor
 from launch.config import RunConfig
 from launch.control import ControlFile
-from launch.data import PromptStream
+from launch.mixture import make_stream, source_summary
 from launch.run_data import RunData, prepare_prompts
 from launch.fleet import RolloutFleet
 from launch.ledger import ledger, summarize
@@ -34,7 +34,7 @@ class RunParts:
         self._mismatch_warned: set[str] = set()
         self.data = data or prepare_prompts(cfg, model_path)  # launch.train prepares it before Ray starts
         self.skipped: Counter[str] = Counter(self.data.train.skipped)  # rows skipped at load, by reason
-        self.stream = PromptStream(self.data.train.prompts, cfg.data.seed)
+        self.stream = make_stream(self.data.train, self.data.sources, cfg.data.seed)  # data.train, or the mixture
         self.eval_prompts = self.data.eval
         kind = transport_class(cfg.weights.transport)
         if not kind.crosses_nodes and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
@@ -54,6 +54,13 @@ class RunParts:
         self.buffer_stats: dict = {}  # the buffer's newest stats (asked every ~2 s when buffer.filter is on)
         self._stats_asked, self._all_filtered_since = (-1, 0.0), None  # (step, time) of the last ask
         self._recent_filter_rate = 0.0  # buffer.filter's rate between the two newest stats (about one step)
+
+    def initial_state(self) -> RunState:
+        """A new run's state: the rows skipped at load counted (by reason, and by source for data.sources)."""
+        from launch.state import RunState
+
+        by_source = Counter({s.name: sum(s.train.skipped.values()) for s in self.data.sources})
+        return RunState(skipped=self.skipped, skipped_by_source=+by_source, rollout_actors=self.rollout_actors)
 
     def _load_offline(self, per_step: int) -> None:
         """data.offline's groups into the buffer's offline pool, before any actor starts."""
@@ -130,7 +137,9 @@ class RunParts:
             log.event({"step": 0, "event": "data", "train": cfg.data.train, "prompts": len(self.data.train.prompts),
                        "skipped": self.data.train.skipped, "eval_prompts": len(self.data.eval),
                        "offline": {o.name: {"groups": o.groups, "rows": o.table.num_rows, "skipped": o.skipped}
-                                   for o in self.data.offline}})
+                                   for o in self.data.offline},
+                       "sources": {s.name: {"weight": s.weight, "prompts": len(s.train.prompts), "skipped":
+                                            s.train.skipped, "eval_prompts": len(s.eval)} for s in self.data.sources}})
         if start_step:
             log.event({"step": start_step, "event": "resumed", "path": resumed_from})
         return log, read_history(self.run_dir, start_step) if start_step else []
@@ -246,6 +255,9 @@ class RunParts:
                                ray.get(self.buffer.ledger.remote(), timeout=timeout), buffer_stats,
                                self.cfg.buffer.max_reuse)
         out.update(reward_faults=dict(state.reward_faults), resumed_from_step=start_step, stopped_at_request=stopped)
+        if self.data.sources:
+            out["sources"] = source_summary(self.data.sources, history, state.dispatched_by_source,
+                                            state.skipped_by_source)
         return out
 
     def close(self) -> None:
@@ -267,4 +279,6 @@ def step_record(state: RunState, policy_version: int, metrics: dict, throughput:
         "actor_restarts": sum(s.restarts for s in fleet.slots.values()),
         **{f"skipped/{k}": v for k, v in state.skipped.items()},
         **{f"reward_faults/{k}": v for k, v in state.reward_faults.items()},
+        **{f"dispatched/{k}": v for k, v in state.dispatched_by_source.items()},  # groups, by data_source
+        **{f"skipped_by_source/{k}": v for k, v in state.skipped_by_source.items()},
     }

@@ -142,9 +142,14 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                                                        prompt_format(cfg.data))
     check_model(cfg, model_path)  # the built tiny model only now; a user model again, for a config built in code
     data = prepare_prompts(cfg, model_path, Rewards(cfg.actors.reward))  # bad data fails here, before Ray starts
-    print(f"relay: data.train {cfg.data.train}: {len(data.train.prompts)} prompts"
-          + (f", skipped {data.train.skipped}" if data.train.skipped else "")
-          + (f"; data.eval {cfg.data.eval}: {len(data.eval)} prompts" if cfg.data.eval else ""), file=sys.stderr)
+    if not data.sources:
+        print(f"relay: data.train {cfg.data.train}: {len(data.train.prompts)} prompts"
+              + (f", skipped {data.train.skipped}" if data.train.skipped else "")
+              + (f"; data.eval {cfg.data.eval}: {len(data.eval)} prompts" if cfg.data.eval else ""), file=sys.stderr)
+    for s in data.sources:
+        print(f"relay: data.sources {s.name} (weight {s.weight:g}): {len(s.train.prompts)} prompts"
+              + (f", skipped {s.train.skipped}" if s.train.skipped else "")
+              + (f"; eval: {len(s.eval)} prompts" if s.eval else ""), file=sys.stderr)
     for o in data.offline:
         print(f"relay: data.offline {o.name}: {o.table.num_rows} rows in {o.groups} groups"
               + (f", skipped {o.skipped}" if o.skipped else ""), file=sys.stderr)
