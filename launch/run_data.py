@@ -1,5 +1,6 @@
-"""The run's data, loaded and checked before any actor starts: training and evaluation prompts (launch/data.py)
-and offline rollout sources (launch/offline_data.py), rendered with the run's tokenizer."""
+"""The run's data, loaded and checked before any actor starts: training and evaluation prompts (launch/data.py;
+data.sources' mixture: launch/mixture.py) and offline rollout sources (launch/offline_data.py), rendered with the
+run's tokenizer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
