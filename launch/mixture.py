@@ -90,7 +90,7 @@ class MixtureStream:
     def restore(self, state: dict) -> None:
         saved = state.get("sources")
         if saved is None or set(saved) != set(self.streams):
-            raise ValueError(f"the checkpoint's data position is for sources {sorted(saved or ['data.train'])}, "
+            raise DataError(f"the checkpoint's data position is for sources {sorted(saved or ['data.train'])}, "
                              f"but data.sources names {sorted(self.streams)}: resume with the run's own sources")
         self._rng, self.draws = random.Random(self.seed), state["draws"]
         for _ in range(self.draws):  # the generator where the checkpoint left it: the same draws follow
