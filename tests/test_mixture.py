@@ -251,8 +251,21 @@ def test_a_two_source_run_scores_tags_and_reports_each_source(tmp_path, tiny_mod
     tags = EventAccumulator(str(run_dir / "tensorboard")).Reload().Tags()["scalars"]
     assert {"reward_mean/arith", "reward_mean/half", "eval/reward_mean/half", "dispatched/arith"} <= set(tags), tags
 
-    stream = json.loads((run_dir / "checkpoints" / "step-00000002" / "launcher.json").read_text())["stream"]
-    assert set(stream["sources"]) == {"arith", "half"} and stream["draws"] >= 16
+    # the run's prompt order is the stream's: from the start, and from the step-2 checkpoint's position on (one
+    # actor serves requests in admission order, so the rollout log holds the groups in the order they were drawn)
+    from launch.mixture import make_stream
+    from launch.run_data import prepare_prompts
+
+    drawn = [pid for pid, _ in dict.fromkeys(zip(log["prompt_id"], log["group_id"]))]
+    assert summary["ledger"]["groups_skipped"] == 0 and len(drawn) == summary["ledger"]["groups_dispatched"]
+    saved = json.loads((run_dir / "checkpoints" / "step-00000002" / "launcher.json").read_text())
+    assert set(saved["stream"]["sources"]) == {"arith", "half"} and saved["stream"]["draws"] == saved["groups_dispatched"]
+    data = prepare_prompts(cfg, tiny_model_dir)
+    assert [p.id for p in make_stream(data.train, data.sources, cfg.data.seed).take(len(drawn))] == drawn
+    resumed = make_stream(data.train, data.sources, cfg.data.seed)
+    resumed.restore(saved["stream"])
+    k = saved["groups_dispatched"]
+    assert 0 < k < len(drawn) and [p.id for p in resumed.take(len(drawn) - k)] == drawn[k:]
     per = summary["sources"]
     assert per["half"]["groups_skipped"] == 1 and per["half"]["skipped_at_load"] == {"missing_answer": 1}
     assert per["arith"]["groups_dispatched"] + per["half"]["groups_dispatched"] == summary["ledger"]["groups_dispatched"]
