@@ -134,7 +134,8 @@ class RunParts:
                          wandb=cfg.model_dump(mode="json") if cfg.wandb else None,
                          samples=(cfg.log_samples_every, cfg.log_samples))
         if not start_step:
-            log.event({"step": 0, "event": "data", "train": None if cfg.data.sources else cfg.data.train, "prompts": len(self.data.train.prompts),
+            train = None if cfg.data.sources else cfg.data.train  # a mixture's are under "sources"
+            log.event({"step": 0, "event": "data", "train": train, "prompts": len(self.data.train.prompts),
                        "skipped": self.data.train.skipped, "eval_prompts": len(self.data.eval),
                        "offline": {o.name: {"groups": o.groups, "rows": o.table.num_rows, "skipped": o.skipped}
                                    for o in self.data.offline},

@@ -61,7 +61,7 @@ class RunState:
     def count(self, result) -> None:
         """What a stored request's generation (actors.generator.GenerationResult) skipped and scored 0."""
         self.skipped.update(result.skipped)
-        self.skipped_by_source.update(result.skipped_by_source)
+        self.skipped_by_source.update({k: v for k, v in result.skipped_by_source.items() if k})  # untagged: no source
         self.reward_faults.update(result.reward_faults)
 
     def to_json(self) -> dict:
