@@ -6,7 +6,8 @@ engine that only samples and swaps weights:
 
 - `SyncEngine` (here): vLLM's `LLM` in this process. Weights change between batches, by copy
   (transport/plain_weights.py), by vLLM's layerwise reload, through a shared-memory slot, or pushed
-  through vLLM's weight-transfer engine API (NCCL on GPU, `relay_cpu` on one CPU host).
+  through vLLM's weight-transfer engine API (NCCL on GPU, `relay_cpu` on one CPU host); with LoRA adapter
+  sync the base stays and each version is a new adapter every request uses (`load_adapter`).
 - `AsyncEngine` (actors/inflight.py): vLLM's `AsyncLLM` on a background event loop, so weights can
   change while a batch is being sampled, and every token carries the version that sampled it.
 
