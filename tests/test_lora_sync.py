@@ -277,3 +277,28 @@ def test_mismatch_alarm_is_quiet_under_adapter_sync_and_trips_on_a_stale_adapter
     stale = learner.mismatch["gen-lora"]
     assert stale["abs_mean"] > 100 * max(honest["abs_mean"], 1e-6), (honest, stale)
     assert [g for g, _ in judge(learner.mismatch, 1e-3, None, learner.step)] == ["gen-lora"]
+
+
+# ---- what a new rollout actor is told --------------------------------------------------------------------------
+def test_a_new_actor_starts_at_the_version_it_loads_and_resumed_adapter_runs_load_the_checkpoint_adapter(monkeypatch):
+    """A replacement (or added) actor loads `serving_path`, the weights of version start_step; were it labelled with
+    the newest handle's version, it would never load that handle and serve the start's weights under its number.
+    With adapter sync it serves the base model, plus the checkpoint's adapter when resumed."""
+    from launch import run_parts
+    from launch.loop import Launcher
+    from transport.base import WeightHandle
+
+    made = []
+    monkeypatch.setattr(run_parts, "make_rollout_actor", lambda *a, **kw: made.append(kw))
+    parts = object.__new__(run_parts.RunParts)
+    parts.buffer, parts.transport, parts.push_backend, parts.model_path = None, None, None, "/base"
+    launcher = object.__new__(Launcher)
+    launcher.parts, launcher.handle = parts, WeightHandle(9, "object_store", None, 0)
+    for cfg, serving, start in ((_cfg(), "/base", 0), (_cfg("--learner.lora.sync", "merged"), "/ckpt/model", 4),
+                                (_cfg(), "/ckpt/model", 4)):
+        parts.cfg = cfg
+        launcher.serving_path, launcher.start_step = serving, start
+        launcher._new_actor("gen-0.r1", None)
+        assert made[-1]["version"] == start and launcher.policy_version == 9
+    assert [(m["model_path"], m["adapter_rank"], m["initial_adapter"]) for m in made] == [
+        ("/base", 4, None), ("/ckpt/model", None, None), ("/base", 4, "/ckpt/model/adapter")]
