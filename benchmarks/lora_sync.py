@@ -70,6 +70,18 @@ def measure_sync(mode: str, model_path: str, repeats: int) -> list[dict]:
     return samples
 
 
+def _in_vocabulary(batch, model_path: str):
+    """`batch` with its token ids (0, 1, 2, ... per row) folded into the model's vocabulary."""
+    import numpy as np
+    import pyarrow as pa
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model_path).vocab_size
+    ids = batch.column("token_ids")
+    folded = pa.ListArray.from_arrays(ids.offsets, pa.array(np.asarray(ids.values) % vocab, pa.int32()))
+    return batch.set_column(batch.schema.get_field_index("token_ids"), "token_ids", folded)
+
+
 def child(mode: str, model_path: str, response_len: int) -> dict:
     """One learner in this process: warm-up step, timed step, the process's peak resident memory."""
     import os
@@ -84,7 +96,7 @@ def child(mode: str, model_path: str, response_len: int) -> dict:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     learner = Learner(_learner_config(mode, response_len), model_path, group_size=8, temperature=1.0)
-    batch = fake_group_fast("g", 8, response_len=response_len, prompt_len=16)  # ids < 15: inside any vocabulary
+    batch = _in_vocabulary(fake_group_fast("g", 8, response_len=response_len, prompt_len=16), model_path)
     learner.train_step(batch)
     t0 = time.perf_counter()
     learner.train_step(batch)
