@@ -10,8 +10,8 @@ when `weight_update_mode: in_flight` lets weights change during a generation. vL
 distribution actually sampled from: the behaviour policy mu that off-policy corrections divide by.
 
 Transports deliver weights through `load_weights`, `load_adapter` (a LoRA adapter on the base model),
-`weight_layout` and `attach_slot` (pull, `transport.base.WeightReceiver`), or `init_weight_transfer_engine` and `apply_weight_update`
-(push, vLLM's weight-transfer engine API; synchronous engine only).
+`weight_layout` and `attach_slot` (pull, `transport.base.WeightReceiver`), or `init_weight_transfer_engine`
+and `apply_weight_update` (push, vLLM's weight-transfer engine API; synchronous engine only).
 """
 from __future__ import annotations
 

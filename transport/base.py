@@ -38,7 +38,7 @@ class WeightHandle:
     nbytes: int
     dtypes: dict[str, str] = field(default_factory=dict)  # names stored as a stand-in dtype (bf16 as int16)
     published_at: float = 0.0
-    adapter: dict | None = None  # a LoRA adapter's PEFT config (adapter_config.json) if the version is one; else full weights
+    adapter: dict | None = None  # the PEFT config (adapter_config.json) of a LoRA adapter version; None: full weights
 
 
 @dataclass(frozen=True)
