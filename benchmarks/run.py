@@ -35,7 +35,7 @@ UNITS = {"buffer_vs_ray_queue": ("groups/s", 5.0), "rollout_vs_bare_vllm": ("tok
          "learner_blocked_fraction": ("s", 0.1), "learner_vs_bare_torch": ("tokens/s", 0.85),
          "learner_memory_vs_full_logits": ("GiB peak", 0.25), "learner_speed_vs_full_logits": ("tokens/s", 0.9),
          "lora_sync_bytes_vs_full": ("bytes/sync", 0.1), "lora_sync_time_vs_full": ("s/sync", 0.5),
-         "lora_learner_memory_vs_full": ("GiB peak", 0.75),
+         "lora_learner_memory_vs_full": ("GiB peak", 0.6),
          "async_vs_sync": ("learner steps/min", 1.3), "sync_overhead": ("s/step", 1.25), "e2e_vs_trl_grpo": ("samples/s", 2.0)}
 
 
