@@ -9,9 +9,9 @@ when `weight_update_mode: in_flight` lets weights change during a generation. vL
 `logprobs_mode="processed_logprobs"`, so the recorded log-prob of each sampled token is under the
 distribution actually sampled from: the behaviour policy mu that off-policy corrections divide by.
 
-Transports deliver weights through `load_weights`, `weight_layout` and `attach_slot` (pull,
-`transport.base.WeightReceiver`), or `init_weight_transfer_engine` and `apply_weight_update`
-(push, vLLM's weight-transfer engine API; synchronous engine only).
+Transports deliver weights through `load_weights`, `load_adapter` (a LoRA adapter on the base model),
+`weight_layout` and `attach_slot` (pull, `transport.base.WeightReceiver`), or `init_weight_transfer_engine`
+and `apply_weight_update` (push, vLLM's weight-transfer engine API; synchronous engine only).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from actors.adapters import AdapterSlot, read_dir
 from actors.config import ActorConfig
 from actors.engines import Engine, Output, SyncEngine
 from actors.prompts import Prompt, PromptFormat, render_all
@@ -56,11 +57,16 @@ class Generator:
     _shared = False  # the parameters are views of a shared-memory slot (transport/shared_slots.py)
 
     def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int, version: int = 0,
-                 weight_transfer_backend: str | None = None, engine_kwargs: dict | None = None):
+                 weight_transfer_backend: str | None = None, engine_kwargs: dict | None = None,
+                 adapter_rank: int | None = None):
+        """`adapter_rank`: serve LoRA adapters of up to this rank on the base model (learner.lora.sync adapter)."""
         self.cfg, self.id, self.version, self.max_model_len = cfg, generator_id, version, max_model_len
         self.rewards = Rewards(cfg.reward)  # a bad reward file fails before an engine starts
         self._layout: dict | None = None
         self._weights_lock = threading.Lock()  # in_flight: loads run on another thread than generate
+        self.adapters = None if adapter_rank is None else AdapterSlot(model_path, adapter_rank, generator_id)
+        if self.adapters is not None:  # vLLM's LoRA layers, sized for one adapter at a time
+            engine_kwargs = {**(engine_kwargs or {}), **self.adapters.engine_args()}
         self.engine: Engine = _make_engine(cfg, model_path, generator_id, max_model_len, version,
                                            weight_transfer_backend, engine_kwargs)
 
@@ -76,6 +82,8 @@ class Generator:
 
     def close(self) -> None:
         self.engine.close()
+        if self.adapters is not None:
+            self.adapters.close()
 
     # ---- weights: the receiver side of transport/ -------------------------------------------------
     def load_weights(self, version: int, named_tensors) -> None:
@@ -90,6 +98,27 @@ class Generator:
             self._refuse_if_shared(version)
             with self._whole_or_refusing(version):
                 self.engine.load(version, tensors)
+
+    def load_adapter(self, version: int, named_tensors, config: dict) -> None:
+        """Serve a LoRA adapter (PEFT's names and config) on the base model as `version`, whole or not at all. The
+        tensors are all fetched and checked against the base model (actors/adapters.py) before vLLM sees them, so
+        a damaged version raises and leaves the old one served; a load vLLM refuses once begun leaves the generator
+        refusing to serve until a whole version lands, as with full weights."""
+        if self.adapters is None:
+            raise RuntimeError(f"generator {self.id}: adapter version {version} arrived, but the engine was started "
+                               "without LoRA support (adapter_rank)")
+        tensors = dict(named_tensors)  # may raise (timeout, dead peer): nothing has been applied yet
+        with self._weights_lock:
+            self._refuse_if_shared(version)
+            directory = self.adapters.prepare(version, tensors, config)  # AdapterError unless whole
+            with self._whole_or_refusing(version):
+                self.engine.load_adapter(version, directory)
+            self.adapters.served(directory)
+
+    def load_adapter_dir(self, version: int, directory: str) -> None:
+        """`load_adapter` from a PEFT adapter directory (a resumed run's checkpoint `model/adapter/`)."""
+        tensors, config = read_dir(directory)
+        self.load_adapter(version, iter(tensors.items()), config)
 
     @contextmanager
     def _whole_or_refusing(self, version: int):
@@ -272,6 +301,8 @@ def _make_engine(cfg: ActorConfig, model_path: str, generator_id: str, max_model
     configured at build time, which only the synchronous engine wires up."""
     if cfg.weight_update_mode == "between_batches":
         return SyncEngine(cfg, model_path, generator_id, max_model_len, weight_transfer_backend, engine_kwargs)
+    if engine_kwargs and engine_kwargs.get("enable_lora"):  # a request's adapter is fixed for its whole life
+        raise ValueError(f"generator {generator_id}: LoRA adapter sync needs actors.weight_update_mode between_batches")
     if weight_transfer_backend is not None:
         raise ValueError(f"generator {generator_id}: actors.weight_update_mode in_flight loads the versions its "
                          f"transport fetches (object_store, disk); the push engine {weight_transfer_backend!r} "

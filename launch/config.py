@@ -19,6 +19,7 @@ from actors.rewards import Rewards
 from buffer.config import BufferConfig
 from learner.config import LearnerConfig
 from learner.objectives.config import READS
+from launch.lora_sync import resolve_lora_sync
 from launch.offline_config import OfflineSourceConfig, check_offline
 from launch.sources_config import SourceConfig, check_data, looks_local, with_source_rewards
 from transport.registry import TRANSPORTS, pushes
@@ -273,6 +274,8 @@ def validate(cfg: RunConfig) -> None:
     if problem := check_data(cfg.data):  # prompt files exist; data.sources' rules
         raise ConfigError(problem)
     _check_transport(cfg)
+    if problem := resolve_lora_sync(cfg):  # learner.lora.sync auto: adapter where adapters can travel
+        raise ConfigError(problem)
     if A.top_p < 1.0 or A.top_k > 0:
         key = "actors.top_p" if A.top_p < 1.0 else "actors.top_k"
         raise ConfigError(f"config key {key!r}: the learner's log-probs are of the whole softmax at actors.temperature, "
@@ -291,8 +294,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(problem)
     if D.eval_every and not (D.eval or any(s.eval for s in D.sources)):
         raise ConfigError("config key 'data.eval_every': set data.eval (or data.sources[i].eval) to held-out prompts")
-    max_len = L.objective.max_len
-    if max_len is not None and max_len < A.max_tokens:
+    if (max_len := L.objective.max_len) is not None and max_len < A.max_tokens:
         raise ConfigError(f"config key 'learner.objective.max_len': {max_len} is shorter than actors.max_tokens="
                           f"{A.max_tokens}; token_sum's constant B * max_len must cover the longest response")
     if L.groups_per_step % L.num_ranks:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import ray
 
-from actors.actor import make_rollout_actor
 from actors.generator import GenerationResult
 from launch import checkpoint
 from launch.calls import Call, Calls
@@ -61,10 +60,9 @@ class Launcher:
         return self.handle.version if self.handle is not None else self.start_step
 
     def _new_actor(self, generator_id: str, placement):
-        return make_rollout_actor(self.cfg.actors, generator_id, placement, model_path=self.serving_path,
-                                  max_model_len=self.cfg.model.max_model_len, buffer=self.buffer,
-                                  transport=self.transport, fetch_timeout_s=self.cfg.weights.timeout_s,
-                                  version=self.policy_version, weight_transfer_backend=self.parts.push_backend)
+        # it holds serving_path's weights, version start_step: a newer handle loads at its first request (labelled
+        # with the newest version, a replacement would serve the start's weights under it and never load it)
+        return self.parts.new_actor(generator_id, placement, self.serving_path, self.start_step)
 
     # ---- scheduling: start whatever can start now; completions: handle whatever finished -----------
     def _watch_starting(self) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 import ray
 
-from actors.actor import place_rollout_actor
+from actors.actor import make_rollout_actor, place_rollout_actor
 from buffer.actor import make_buffer_actor
 from launch.config import RunConfig
 from launch.control import ControlFile
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 class RunParts:
     def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str, data: RunData | None = None):
-        self.cfg, self.run_dir = cfg, run_dir
+        self.cfg, self.run_dir, self.model_path = cfg, run_dir, model_path
         self._mismatch_warned: set[str] = set()
         self.data = data or prepare_prompts(cfg, model_path)  # launch.train prepares it before Ray starts
         self.skipped: Counter[str] = Counter(self.data.train.skipped)  # rows skipped at load, by reason
@@ -75,6 +75,19 @@ class RunParts:
                              "batch draws (data.offline_fraction x learner.groups_per_step)")
         for o in self.data.offline:
             self.skipped.update({f"offline/{k}": v for k, v in o.skipped.items()})
+
+    def new_actor(self, generator_id: str, placement, weights: str, version: int):
+        """A rollout actor serving `version`, the weights in `weights` (the model, or a resumed run's checkpoint
+        `model/`). With adapter sync it serves the base model, plus the checkpoint's adapter when resumed."""
+        L = self.cfg.learner
+        adapter = L.lora is not None and L.lora.sync == "adapter"
+        resumed = adapter and weights != self.model_path
+        return make_rollout_actor(
+            self.cfg.actors, generator_id, placement, model_path=self.model_path if adapter else weights,
+            max_model_len=self.cfg.model.max_model_len, buffer=self.buffer, transport=self.transport,
+            fetch_timeout_s=self.cfg.weights.timeout_s, version=version, weight_transfer_backend=self.push_backend,
+            adapter_rank=L.lora.rank if adapter else None,
+            initial_adapter=str(Path(weights) / "adapter") if resumed else None)
 
     def fleet(self, make_actor: Callable[[str, object], object]) -> RolloutFleet:
         A = self.cfg.actors
@@ -248,7 +261,9 @@ class RunParts:
     def summary(self, state: RunState, history: list[dict], wall_s: float, start_step: int, stopped: bool) -> dict:
         """summary.json: the run's outcome, the final weights, and the ledger of every group dispatched."""
         timeout = self.cfg.ray.rpc_timeout_s
-        final = ray.get([r.save_pretrained.remote(str(self.run_dir / "final")) for r in self.ranks], timeout=timeout)[0]
+        lora = self.cfg.learner.lora  # with LoRA the adapter always, the merged model with --merge (merge_final)
+        final = ray.get([r.save_pretrained.remote(str(self.run_dir / "final"), lora is None or lora.merge_final)
+                         for r in self.ranks], timeout=timeout)[0]
         buffer_stats = ray.get(self.buffer.stats.remote(), timeout=timeout)
         out = summarize(history, wall_s, final, buffer_stats, dict(state.skipped))
         unfinished = sum(len(r.prompts) for r in state.requests.values())

@@ -68,6 +68,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     parser.add_argument("--run-dir", help="run directory (default: <output_dir>/<name>-<timestamp>)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue RUN_DIR from its latest checkpoint, with its config.yaml (overrides still apply)")
+    parser.add_argument("--merge", action="store_true",
+                        help="LoRA runs: also write the merged full model to final/ (learner.lora.merge_final); "
+                             "the adapter, in PEFT format, is written to final/adapter/ either way")
     args, rest = parser.parse_known_args(argv)
     if args.resume:
         if args.config or args.run_dir:
@@ -77,6 +80,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
             raise ConfigError(f"--resume {args.resume}: not a run directory ({config} missing)")
         args.config, args.run_dir = str(config), args.resume
     cfg = load_config(args.config, parse_overrides(rest))
+    if args.merge:
+        if cfg.learner.lora is None:
+            raise ConfigError("--merge merges a LoRA adapter into the base model, but learner.lora is not set")
+        cfg.learner = cfg.learner.model_copy(update={"lora": cfg.learner.lora.model_copy(update={"merge_final": True})})
     return args, cfg
 
 

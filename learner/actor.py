@@ -64,8 +64,8 @@ class LearnerRank:
         return {"metrics": metrics, "handle": handle, "step": self.learner.step, "group_ids": group_ids,
                 "mismatch": mismatch}
 
-    def save_pretrained(self, out_dir: str):
-        return self.learner.save_pretrained(out_dir)
+    def save_pretrained(self, out_dir: str, merge: bool | None = None):
+        return self.learner.save_pretrained(out_dir, merge)
 
     def connect_generators(self, transport: str, bucket_mb: float, timeout_s: float, generators: dict,
                            workers_per_generator: int = 1) -> None:
