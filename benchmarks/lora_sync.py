@@ -170,7 +170,9 @@ def run(quick: bool) -> list[dict]:
         result("lora_sync_time_vs_full", med("lora_adapter", "total_s"), med("full", "total_s"), "s/sync", 0.5,
                sync_samples, lower_is_better=True, config=config, note=note,
                spread=spread([a / f for a, f in zip(adapter_s, full_s)])),
-        result("lora_learner_memory_vs_full", peak("lora_adapter"), peak("full"), "GiB peak", 0.6, memory,
+        # reported, not targeted: the issue asks for the figure, and what LoRA saves (gradients and Adam state of the
+        # base) is a model-size-dependent share of a peak that also holds weights, activations and the libraries
+        result("lora_learner_memory_vs_full", peak("lora_adapter"), peak("full"), "GiB peak", None, memory,
                lower_is_better=True, config=config,
                note=f"learner step peak RSS: LoRA {peak('lora_adapter'):.2f} GiB, full {peak('full'):.2f} GiB"),
     ]
