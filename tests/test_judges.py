@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from actors.judge_format import encode, pair_messages, scalar_messages
-from actors.rewards import arithmetic_reward
-from launch.judges import (JudgeRecipe, auc, build_tiny_judge, evaluate, judge_dir, judge_tokenizer, logits,
+from examples.tiny_judges import on_policy, policy_samples
+from launch.judges import (JudgeRecipe, build_tiny_judge, evaluate, judge_dir, judge_tokenizer, logits,
                            new_judge, preferences, resolve_judge_path, wrong_answer)
 
 PROBLEMS = [(a, b) for a in range(5) for b in range(5)]  # the fixture's max_operand 4
@@ -76,30 +75,9 @@ def test_the_tokenizer_and_the_build_are_reproducible():
     assert judge_tokenizer(recipe).get_vocab() == judge_tokenizer(recipe).get_vocab()
 
 
-@torch.no_grad()
-def _policy_samples(model_dir: str, per_prompt: int, seed: int) -> list[tuple[int, int, str]]:
-    """The warm-started tiny policy's own responses to every a+b= (plain text prompts, as the default job
-    renders synthetic:arithmetic), sampled at temperature 1."""
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    policy = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    torch.manual_seed(seed)
-    out = []
-    for a, b in PROBLEMS:
-        ids = torch.tensor([tok(f"{a}+{b}=", add_special_tokens=False)["input_ids"]] * per_prompt)  # (n, P)
-        gen = policy.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                              max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        out += [(a, b, tok.decode(g[ids.shape[1]:], skip_special_tokens=True)) for g in gen]
-    return out
-
-
-def test_the_scalar_judge_ranks_the_policys_own_samples_by_correctness(tiny_model_dir, tiny_judges):
-    """The judge was trained on made-up wrong answers; RL shows it the policy's. On those too a right sample
-    must outscore a wrong one (AUC), or RL against the judge would not raise the task's accuracy."""
-    samples = _policy_samples(tiny_model_dir, per_prompt=8, seed=0)
-    model, tok = _load(tiny_judges["scalar"])
-    scores = logits(model, [encode(tok, scalar_messages([{"role": "user", "content": f"{a}+{b}="}], r))
-                            for a, b, r in samples], tok.pad_token_id)
-    right = [s for s, (a, b, r) in zip(scores, samples) if arithmetic_reward(r, str(a + b))]
-    wrong = [s for s, (a, b, r) in zip(scores, samples) if not arithmetic_reward(r, str(a + b))]
-    assert len(right) >= 10 and len(wrong) >= 10, (len(right), len(wrong))
-    assert auc(right, wrong) >= 0.9, (auc(right, wrong), len(right), len(wrong))
+def test_the_judges_rank_the_policys_own_samples_by_correctness(tiny_model_dir, tiny_judges):
+    """The judges were trained on made-up wrong answers; RL shows them the policy's. On those too a right sample
+    must outscore a wrong one, or RL against a judge would not raise the task's accuracy."""
+    found = on_policy(tiny_judges, policy_samples(tiny_model_dir, PROBLEMS, per_prompt=8, seed=0))
+    assert found["right"] >= 10 and found["wrong"] >= 10, found
+    assert found["scalar_auc"] >= 0.9 and found["preference_accuracy"] >= 0.9, found
