@@ -97,16 +97,14 @@ class Examples:
     lm_labels: list[dict[int, int]]  # position -> the token the right answer has next there
 
 
-def _lm_labels(tokenizer, messages: list[dict], ids: list[int], responses: list[tuple[int, str]],
-               right: str) -> dict[int, int]:
+def _lm_labels(tokenizer, text: str, ids: list[int], spans: list[tuple[int, str]], right: str) -> dict[int, int]:
     """Next-token labels that teach the judge the sum: at the token before each response (which starts at
-    character `start` of the rendered text) the right answer's first token, whatever the response is; through
-    a response that is right, the rest of it."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    character `start` of the rendered `text`, for each (start, response) in `spans`) the right answer's first
+    token, whatever the response is; through a response that is right, the rest of it."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     right_ids = tokenizer(right, add_special_tokens=False)["input_ids"]
     labels: dict[int, int] = {}
-    for start, response in responses:
+    for start, response in spans:
         at = next((i for i, (lo, _) in enumerate(enc["offset_mapping"]) if lo >= start), None)
         if at is None or at == 0 or enc["offset_mapping"][at][0] != start or enc["input_ids"] != ids:
             continue  # the response does not start on a token boundary here: no label rather than a wrong one
@@ -116,31 +114,43 @@ def _lm_labels(tokenizer, messages: list[dict], ids: list[int], responses: list[
     return labels
 
 
+def _render(tokenizer, a: int, b: int, responses: tuple[str, ...]) -> tuple[list[int], dict[int, int]]:
+    """Token ids of one response (scalar) or one pair (preference) to a+b=, and its next-token labels."""
+    tail = len(IM_END) + 1  # the template ends a turn with <|im_end|> and a newline
+    if len(responses) == 1:
+        messages, spans = scalar_messages(_chat(a, b), responses[0]), [(-(len(responses[0]) + tail), responses[0])]
+    else:
+        x, y = responses
+        messages = pair_messages(_chat(a, b), x, y)
+        spans = [(-(len(y) + tail + len(PAIR_B) + len(x)), x), (-(len(y) + tail), y)]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = encode(tokenizer, messages)
+    return ids, _lm_labels(tokenizer, text, ids, [(len(text) + at, r) for at, r in spans], str(a + b))
+
+
 def examples(kind: JudgeKind, tokenizer, problems: list[tuple[int, int]], n: int, seed: int) -> Examples:
     """`n` rendered examples. scalar: half right answers (target 1), half wrong (0). preference: right vs wrong
     in either order (target 1 or 0), and wrong vs wrong (target 1/2) a third of the time."""
     rng = random.Random(seed)
-    out = Examples([], [], [])
+    out, rendered = Examples([], [], []), {}  # the same few hundred texts recur: each is rendered once
     for i in range(n):
         a, b = rng.choice(problems)
         right, wrong = str(a + b), wrong_answer(a, b, rng)
         if kind == "scalar":
-            response = right if i % 2 == 0 else wrong
-            messages, target = scalar_messages(_chat(a, b), response), float(i % 2 == 0)
-            tail = len(response) + len(IM_END) + 1  # the template ends a turn with <|im_end|> and a newline
-            spans = [(-tail, response)]
+            responses, target = (right if i % 2 == 0 else wrong,), float(i % 2 == 0)
+        elif i % 3 == 2:
+            responses, target = (wrong, wrong_answer(a, b, rng)), 0.5
         else:
             first = rng.random() < 0.5
-            x, y = (wrong, wrong_answer(a, b, rng)) if i % 3 == 2 else (right, wrong) if first else (wrong, right)
-            messages, target = pair_messages(_chat(a, b), x, y), 0.5 if i % 3 == 2 else float(first)
-            tail_b = len(y) + len(IM_END) + 1
-            spans = [(-(tail_b + len(PAIR_B) + len(x)), x), (-tail_b, y)]
-        ids = encode(tokenizer, messages)
-        text_len = len(tokenizer.apply_chat_template(messages, tokenize=False))
-        out.ids.append(ids)
+            responses, target = ((right, wrong) if first else (wrong, right)), float(first)
+        key = (a, b, responses)
+        if key not in rendered:
+            rendered[key] = _render(tokenizer, a, b, responses)
+        out.ids.append(rendered[key][0])
         out.targets.append(target)
-        out.lm_labels.append(_lm_labels(tokenizer, messages, ids, [(text_len + s, r) for s, r in spans], right))
+        out.lm_labels.append(rendered[key][1])
     return out
+
 
 # ---- the model ------------------------------------------------------------------------------------------------
 
