@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="where builds are kept (default: a fresh temporary folder)")
     args = parser.parse_args()
     cache = args.cache or tempfile.mkdtemp(prefix="relay-judges-")
-    recipe = JudgeRecipe(max_operand=args.max_operand)
+    recipe = JudgeRecipe.for_task(args.max_operand)  # what launch builds when a reward model's path is omitted
     problems = [(a, b) for a in range(args.max_operand + 1) for b in range(args.max_operand + 1)]
     report: dict = {"max_operand": args.max_operand, "torch_threads": torch.get_num_threads()}
     judges = {}
