@@ -21,13 +21,15 @@ class RolloutActor:
 
     def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int,
                  buffer, transport: WeightTransport | None, fetch_timeout_s: float, version: int = 0,
-                 weight_transfer_backend: str | None = None):
+                 weight_transfer_backend: str | None = None, judges=None, local_judges: dict | None = None):
         # Python/NumPy/torch draws here (user reward code, tie-breaking) follow the run's seed, distinct per actor
         # like the engine's own sampling seed (actors/engines.py)
         seed_everything(actor_seed(cfg, generator_id))
         # the engine follows cfg.weight_update_mode: synchronous (push transports allowed), or async for in_flight
         self.gen = Generator(cfg, model_path, generator_id, max_model_len, version, weight_transfer_backend)
         self.buffer, self.transport, self.fetch_timeout_s = buffer, transport, fetch_timeout_s
+        self.judges = judges
+        attach_judges(self.gen, judges, local_judges, fetch_timeout_s)
         self._sync_lock = threading.Lock()  # in_flight: generate's sync and offer_weights run on two threads
         if transport is not None:
             transport.attach(self.gen)
@@ -55,8 +57,11 @@ class RolloutActor:
         load_s = self.sync(handle)
         result = self.gen.generate(prompts)
         result.load_s += load_s  # plus, in_flight, the time generation stood paused for swaps during the request
-        result.put = self.buffer.put.remote(result.batch, None, request_id, result.skipped)
-        result.batch = None  # the rows went to the buffer; only the summary returns to the launcher
+        if result.judge_work:  # the judge service scores these groups, then puts the batch: its answer is the ack
+            result.put = self.judges.submit.remote(result.batch, result.judge_work, request_id, result.skipped)
+        else:
+            result.put = self.buffer.put.remote(result.batch, None, request_id, result.skipped)
+        result.batch, result.judge_work = None, []  # the rows went on; only the summary returns to the launcher
         return result
 
     def evaluate(self, prompts: list[Prompt], handle: WeightHandle | None) -> dict[str, float]:
@@ -86,6 +91,20 @@ class RolloutActor:
     def node_id(self) -> str:
         """The Ray node this actor runs on."""
         return ray.get_runtime_context().get_node_id()
+
+
+def attach_judges(gen: Generator, service, local: dict | None, timeout_s: float) -> None:
+    """How `model:<name>` rewards are scored in this actor: handed to the judge `service` unscored (generation goes on
+    at once) and, for evaluation, scored there while this actor waits; or, with `local` judges ({name: (config,
+    path)}, loaded here), inline in this actor (benchmarks.reward_offload's baseline)."""
+    if local:
+        from actors.judge import Judge
+
+        held = {name: Judge(cfg, name, path) for name, (cfg, path) in local.items()}
+        gen.rewards.judge = lambda name, groups: held[name].score_groups(groups)
+    elif service is not None:
+        gen.defer_judges = True
+        gen.rewards.judge = lambda name, groups: ray.get(service.score.remote(name, groups), timeout=timeout_s)
 
 
 def rollout_bundles(cfg: ActorConfig) -> list[dict]:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.config import ActorConfig
+from actors.reward_config import RewardsConfig, looks_local, reward_model_problem
 from actors.rewards import Rewards
 from buffer.config import BufferConfig
 from learner.config import LearnerConfig
@@ -161,6 +162,8 @@ class RunConfig(BaseModel):
     buffer: BufferConfig = BufferConfig()
     learner: LearnerConfig = LearnerConfig()
     weights: WeightSyncConfig = WeightSyncConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    """Learned judges (reward and preference models) that a reward spec `model:<name>` scores with."""
     ray: RayConfig = RayConfig()
     tensorboard: bool = True
     """Write TensorBoard event files into the run directory."""
@@ -256,21 +259,17 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
 PACKAGED_BUILDERS = ("json", "csv", "parquet", "arrow", "text")  # datasets.load_dataset names read data.load_kwargs
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
-
-
 def validate(cfg: RunConfig) -> None:
     """Rules that span components: each one would otherwise deadlock or fail late."""
     L, A, B = cfg.learner, cfg.actors, cfg.buffer
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("config key 'wandb': true, but the wandb package is not installed "
                           "(pip install 'relay-rl[wandb]', or set wandb false)")
-    if cfg.model.path is not None and _looks_local(cfg.model.path) and not Path(cfg.model.path).expanduser().exists():
+    if cfg.model.path is not None and looks_local(cfg.model.path) and not Path(cfg.model.path).expanduser().exists():
         raise ConfigError(f"config key 'model.path': {cfg.model.path} does not exist")
     for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if source and not source.startswith("synthetic:") and source not in PACKAGED_BUILDERS \
-                and _looks_local(source) and not Path(source).expanduser().exists():
+                and looks_local(source) and not Path(source).expanduser().exists():
             raise ConfigError(f"config key {key!r}: dataset file {source} does not exist")
     _check_transport(cfg)
     if A.top_p < 1.0 or A.top_k > 0:
@@ -282,6 +281,8 @@ def validate(cfg: RunConfig) -> None:
         Rewards(A.reward)
     except Exception as exc:  # a bad spec, or user code that fails while it is imported
         raise ConfigError(f"config key 'actors.reward': {type(exc).__name__}: {exc}") from None
+    if problem := reward_model_problem({"actors.reward": A.reward}, cfg.rewards, A.n, bool(cfg.data.eval)):
+        raise ConfigError(problem)
     _check_engine(cfg)  # resolves model.max_model_len
     D = cfg.data
     if D.max_prompt_len is not None and D.max_prompt_len + A.max_tokens > cfg.model.max_model_len:

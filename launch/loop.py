@@ -62,9 +62,7 @@ class Launcher:
 
     def _new_actor(self, generator_id: str, placement):
         return make_rollout_actor(self.cfg.actors, generator_id, placement, model_path=self.serving_path,
-                                  max_model_len=self.cfg.model.max_model_len, buffer=self.buffer,
-                                  transport=self.transport, fetch_timeout_s=self.cfg.weights.timeout_s,
-                                  version=self.policy_version, weight_transfer_backend=self.parts.push_backend)
+                                  version=self.policy_version, **self.parts.actor_kwargs())
 
     # ---- scheduling: start whatever can start now; completions: handle whatever finished -----------
     def _watch_starting(self) -> None:
@@ -139,7 +137,8 @@ class Launcher:
         req, result = call.data
         try:
             stored = ray.get(ref)
-        except ray.exceptions.RayError:  # the actor that made the put died and took its answer with it
+        except ray.exceptions.RayError as exc:  # the actor that made the put died and took its answer with it
+            self.parts.judge_failure(exc)  # or the judge service gave up on a judge: that stops the run
             return self._ask_recorded(req, result)
         self._close(req, result if stored >= 0 else None)  # < 0: a copy of this request was already stored
         self.releases += 0 <= stored < result.groups  # the buffer gave slots back (stale, filtered): admit again now

@@ -18,6 +18,7 @@ from launch.control import ControlFile
 from launch.data import PromptStream
 from launch.run_data import RunData, prepare_prompts
 from launch.fleet import RolloutFleet
+from launch.judge_service import close_judges, judge_failure, judge_summary, scale_judges, start_judges
 from launch.ledger import ledger, summarize
 from launch.metrics import MetricsLog, read_history
 from learner.actor import make_learner_ranks
@@ -47,6 +48,8 @@ class RunParts:
         self.buffer = make_buffer_actor(cfg.buffer, cfg.learner.groups_per_step, str(run_dir),
                                         offline_per_step=offline_per_step)
         self._load_offline(offline_per_step)
+        self.judges, self._judges_ready = start_judges(cfg, self.buffer, run_dir)  # rewards.models' pools
+        self._judge_sizes: dict[str, int] = {}
         # a purely offline run (data.offline_fraction 1.0) starts no rollout actor, hence no vLLM engine
         self.rollout_actors = 0 if offline_per_step == cfg.learner.groups_per_step else cfg.actors.num_actors
         self.ranks = make_learner_ranks(cfg.learner, model_path=model_path, group_size=cfg.actors.n,
@@ -69,6 +72,14 @@ class RunParts:
         for o in self.data.offline:
             self.skipped.update({f"offline/{k}": v for k, v in o.skipped.items()})
 
+    def actor_kwargs(self) -> dict:
+        """What every rollout actor of this run is started with besides its weights (actors/actor.py)."""
+        return dict(max_model_len=self.cfg.model.max_model_len, buffer=self.buffer, transport=self.transport,
+                    fetch_timeout_s=self.cfg.weights.timeout_s, weight_transfer_backend=self.push_backend,
+                    judges=self.judges)
+
+    judge_failure = staticmethod(judge_failure)
+
     def fleet(self, make_actor: Callable[[str, object], object]) -> RolloutFleet:
         A = self.cfg.actors
         self._fleet = RolloutFleet(make_actor, A.max_failures, place=lambda: place_rollout_actor(A))
@@ -90,6 +101,7 @@ class RunParts:
         elif n is not None and n != state.rollout_actors:
             state.rollout_actors = n
             self._fleet.scale_to(n)
+        scale_judges(self.judges, self.cfg, control.reward_actors, self._judge_sizes, self._fleet.events)
         return control.stop
 
     def await_learner(self, fleet: RolloutFleet) -> None:
@@ -100,6 +112,8 @@ class RunParts:
         except ray.exceptions.GetTimeoutError as exc:
             raise TimeoutError(f"the {len(self.ranks)} learner rank(s) did not start within ray.startup_timeout_s="
                                f"{R.startup_timeout_s}s (not enough CPUs/GPUs free for learner.num_cpus/num_gpus?)") from exc
+        if self._judges_ready is not None:  # judges that cannot load fail the run here, naming the actor
+            ray.get(self._judges_ready, timeout=R.startup_timeout_s + 10)
         if self.push_backend is not None:
             self._connect_push_transport(fleet)
 
@@ -245,10 +259,15 @@ class RunParts:
         out["ledger"] = ledger(state.groups_dispatched, state.request_seq, state.reissued, unfinished, state.trained,
                                ray.get(self.buffer.ledger.remote(), timeout=timeout), buffer_stats,
                                self.cfg.buffer.max_reuse)
-        out.update(reward_faults=dict(state.reward_faults), resumed_from_step=start_step, stopped_at_request=stopped)
+        judges = judge_summary(self.judges, timeout)  # the service's faults join the actors' own
+        faults = state.reward_faults + Counter(judges.pop("reward_faults", {}))
+        out.update(reward_faults=dict(faults), resumed_from_step=start_step, stopped_at_request=stopped)
+        if judges:
+            out["judges"] = judges
         return out
 
     def close(self) -> None:
+        close_judges(self.judges)
         if self.transport is not None:
             self.transport.close()  # e.g. the shared-memory slots in /dev/shm
 
