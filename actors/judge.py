@@ -46,6 +46,18 @@ def _finite(value: float) -> Scored:
     return (value, "") if math.isfinite(value) else (0.0, "reward_nonfinite")
 
 
+def _rates(p: list[list[float | None]], why: dict[int, str]) -> list[Scored]:
+    """group_win_rates, or, with failed pairs (None), each sample's mean over the pairs that scored."""
+    n = len(p)
+    if not why:
+        return [(r, "") for r in group_win_rates(p)]
+    out = []
+    for i in range(n):
+        won = [p[i][j] for j in range(n) if j != i and p[i][j] is not None]
+        out.append((sum(won) / len(won), "") if won else (0.0, why[i]))
+    return out
+
+
 class Judge:
     """Loads `path` (AutoModelForSequenceClassification + AutoTokenizer); refuses a judge it cannot serve, naming
     `rewards.models.<name>.path`."""
@@ -117,26 +129,27 @@ class Judge:
         return [[next(it) for _ in responses] for _, responses in groups]
 
     def _win_rates(self, groups: list[Group]) -> list[list[Scored]]:
-        """P(i > j) from both orders of every pair; a sample whose pair failed scores 0 with that pair's reason (the
-        others' win rates never read that pair)."""
+        """P(i > j) from both orders of every pair, and each sample's mean over its pairs. A pair whose forward
+        failed (raised, NaN) is left out of both samples' means; a sample left with no pair (its own text breaks
+        the judge) scores 0 with the reason."""
         pairs = [(g, i, j) for g, (_, rs) in enumerate(groups) for i in range(len(rs)) for j in range(len(rs)) if i != j]
         z = self.logits([self.encode(pair_messages(groups[g][0], groups[g][1][i], groups[g][1][j])) for g, i, j in pairs])
         logit = {pair: scored for pair, scored in zip(pairs, z)}
         out = []
         for g, (_, rs) in enumerate(groups):
             n = len(rs)
-            p = [[0.5] * n for _ in range(n)]
-            failed: dict[int, str] = {}
+            p: list[list[float | None]] = [[0.5] * n for _ in range(n)]
+            why: dict[int, str] = {}
             for i in range(n):
                 for j in range(i + 1, n):
                     (z_ij, why_ij), (z_ji, why_ji) = logit[(g, i, j)], logit[(g, j, i)]
-                    if why := why_ij or why_ji:
-                        failed.setdefault(i, why), failed.setdefault(j, why)
-                        continue
-                    p[i][j] = symmetric_preference(z_ij, z_ji)
-                    p[j][i] = 1.0 - p[i][j]
-            rates = group_win_rates(p)
-            out.append([(0.0, failed[i]) if i in failed else (rates[i], "") for i in range(n)])
+                    if why_ij or why_ji:
+                        p[i][j] = p[j][i] = None
+                        why.setdefault(i, why_ij or why_ji), why.setdefault(j, why_ij or why_ji)
+                    else:
+                        p[i][j] = symmetric_preference(z_ij, z_ji)
+                        p[j][i] = 1.0 - p[i][j]
+            out.append(_rates(p, why))
         return out
 
     def pid(self) -> int:

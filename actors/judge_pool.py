@@ -44,6 +44,7 @@ class JudgeSlot:
     failures: int = 0  # consecutive
     restarts: int = 0
     retiring: bool = False
+    pid: int | None = None
 
 
 class JudgePool:
@@ -65,7 +66,7 @@ class JudgePool:
     async def _await_ready(self, index: int, actor_id: str) -> None:
         slot = self.slots[index]
         try:
-            await asyncio.wait_for(_awaitable(slot.actor.pid.remote()), self.startup_timeout_s)
+            slot.pid = await asyncio.wait_for(_awaitable(slot.actor.pid.remote()), self.startup_timeout_s)
         except Exception as exc:  # the judge does not load or does not start in time: a failure of its slot
             self._failed(slot, exc)
             if self.broken:  # wake the chunks waiting for a free actor: they raise
@@ -155,7 +156,7 @@ class JudgePool:
         self.events.append({"event": "judge_restarted", "actor": self.slots[slot.index].actor_id})
 
     def snapshot(self) -> list[dict]:
-        return [{"actor": s.actor_id, "restarts": s.restarts, "consecutive_failures": s.failures,
+        return [{"actor": s.actor_id, "pid": s.pid, "restarts": s.restarts, "consecutive_failures": s.failures,
                  "retiring": s.retiring} for s in self.slots.values()]
 
     def close(self) -> None:
@@ -248,6 +249,10 @@ class JudgeService:
             i = schema.get_field_index(name)
             batch = batch.set_column(i, schema.field(i), pa.array(values, schema.field(i).type))
         return await self.buffer.put.remote(batch, None, request_id, skipped)
+
+    async def snapshot(self) -> dict[str, list[dict]]:
+        """Each pool's actors (ids, pids, restarts), as judges.json shows them."""
+        return {n: p.snapshot() for n, p in self.pools.items()}
 
     async def scale(self, model: str, n: int) -> int:
         """Resize `model`'s pool to n actors; returns the live count asked for."""
