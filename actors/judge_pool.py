@@ -54,7 +54,8 @@ class JudgePool:
         self.name, self.cfg, self.path, self.startup_timeout_s, self.events = name, cfg, path, startup_timeout_s, events
         self.slots: dict[int, JudgeSlot] = {}
         self.free: asyncio.Queue[tuple[int, str]] = asyncio.Queue()  # (slot, actor id) ready for a chunk
-        self.stats = Counter()
+        self.stats = Counter(dict.fromkeys(("rows_scored", "chunks_scored", "rows_rescored", "chunks_rescored",
+                                            "actor_failures"), 0))
         self.broken: JudgeFailedError | None = None  # a slot failed max_failures times in a row: the run stops
 
     def _start(self, index: int, restarts: int = 0, failures: int = 0) -> None:
@@ -181,7 +182,8 @@ class JudgeService:
         self.events: list[dict] = []
         self.pools: dict[str, JudgePool] = {}
         self.scoring: dict[str, asyncio.Future] = {}  # request id -> its submission under way
-        self.faults, self.counts = Counter(), Counter()
+        self.faults, self.counts = Counter(), Counter(dict.fromkeys(("requests_scored", "rows_judged",
+                                                                     "duplicates_refused"), 0))
 
     async def start(self) -> dict[str, int]:
         """Start every pool and wait until each has at least one judge ready; returns live actors per model."""

@@ -50,6 +50,7 @@ class RunParts:
         self._load_offline(offline_per_step)
         self.judges, self._judges_ready = start_judges(cfg, self.buffer, run_dir)  # rewards.models' pools
         self._judge_sizes: dict[str, int] = {}
+        self._judge_stats: dict = {}  # the service's counters, read when the run closes
         # a purely offline run (data.offline_fraction 1.0) starts no rollout actor, hence no vLLM engine
         self.rollout_actors = 0 if offline_per_step == cfg.learner.groups_per_step else cfg.actors.num_actors
         self.ranks = make_learner_ranks(cfg.learner, model_path=model_path, group_size=cfg.actors.n,
@@ -259,7 +260,7 @@ class RunParts:
         out["ledger"] = ledger(state.groups_dispatched, state.request_seq, state.reissued, unfinished, state.trained,
                                ray.get(self.buffer.ledger.remote(), timeout=timeout), buffer_stats,
                                self.cfg.buffer.max_reuse)
-        judges = judge_summary(self.judges, timeout)  # the service's faults join the actors' own
+        judges = dict(self._judge_stats)  # the service's faults join the actors' own
         faults = state.reward_faults + Counter(judges.pop("reward_faults", {}))
         out.update(reward_faults=dict(faults), resumed_from_step=start_step, stopped_at_request=stopped)
         if judges:
@@ -267,7 +268,10 @@ class RunParts:
         return out
 
     def close(self) -> None:
-        close_judges(self.judges)
+        try:  # the run is over (the summary is written after this): keep the service's counters, then stop it
+            self._judge_stats = judge_summary(self.judges, self.cfg.ray.rpc_timeout_s)
+        finally:
+            close_judges(self.judges)
         if self.transport is not None:
             self.transport.close()  # e.g. the shared-memory slots in /dev/shm
 

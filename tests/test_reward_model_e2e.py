@@ -1,0 +1,78 @@
+"""Learned judges in the whole system (real vLLM, Ray, DeepSpeed on CPU): a generator hands model-judged groups on
+unscored and scores rule-routed ones inline; `launch.train` with `actors.reward: model:rm` trains on the judge's
+rewards, evaluates with them, and its ledger stays exact."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from actors.judge import Judge
+from actors.reward_config import RewardModelConfig
+from tests.tiny_judge import build_judge
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory) -> str:
+    return build_judge(tmp_path_factory.mktemp("judge") / "rm")
+
+
+def test_generator_defers_judged_groups_and_scores_rule_routes_inline(tiny_model_dir, judge_dir):
+    from actors.config import ActorConfig
+    from actors.generator import Generator, Prompt
+    from buffer.schema import rollouts_from_arrow
+
+    cfg = ActorConfig(n=3, max_tokens=4, reward={"judged": "model:rm", "default": "arithmetic"})
+    gen = Generator(cfg, tiny_model_dir, "gen-0", max_model_len=64)
+    gen.defer_judges = True
+    prompts = [Prompt("a", "1+1=", "2", data_source="judged"), Prompt("b", "2+2=", "4"),
+               Prompt("c", "1+3=", "4", data_source="judged")]
+    try:
+        result = gen.generate(prompts)
+    finally:
+        gen.close()
+    rows = rollouts_from_arrow(result.batch)
+    [work] = result.judge_work
+    assert work.model == "rm" and work.rows == [[0, 1, 2], [6, 7, 8]]  # groups a and c, where the batch holds them
+    assert [rs for _, rs in work.groups] == [[r.response_text for r in rows[0:3]], [r.response_text for r in rows[6:9]]]
+    assert work.groups[0][0] == [{"role": "user", "content": "1+1="}]
+    assert [r.data_source for r in rows] == ["judged"] * 3 + [""] * 3 + ["judged"] * 3
+    for r in rows[3:6]:  # the rule scored inline
+        assert r.reward == float("".join(r.response_text.split()) == "4")
+    # what the service will score equals what a Judge gives the same groups
+    judge = Judge(RewardModelConfig(), "rm", judge_dir)
+    assert len(judge.score_groups(work.groups)) == 2
+
+
+def test_train_with_a_reward_model_keeps_the_ledger_exact(tmp_path, tiny_model_dir, judge_dir):
+    from launch.config import load_config, parse_overrides
+    from launch.train import run
+
+    steps = 6
+    cfg = load_config(None, parse_overrides([
+        "--model.path", tiny_model_dir, "--data.max_operand", "4", "--output_dir", str(tmp_path),
+        "--progress", "false", "--tensorboard", "false", "--ray.num_cpus", "3", "--actors.num_cpus", "0.5",
+        "--learner.num_cpus", "1", "--actors.prompts_per_request", "4", "--learner.groups_per_step", "4",
+        "--learner.micro_batch_groups", "4", "--actors.n", "4", "--learner.track_ref_kl", "false",
+        "--learner.total_steps", str(steps), "--buffer.max_staleness", "1", "--learner.checkpoint_every", "0",
+        "--data.eval", "synthetic:arithmetic", "--data.eval_every", "3",
+        "--actors.reward", "model:rm", "--rewards.models", f"{{rm: {{path: {judge_dir}, num_cpus: 0.5}}}}"]))
+    summary = run(cfg, tmp_path / "run")
+    ledger = summary["ledger"]
+    assert summary["steps"] == steps
+    assert ledger["groups_lost"] == 0 and ledger["groups_trained_too_often"] == 0, ledger
+    assert ledger["requests_recorded"] == ledger["requests_dispatched"], ledger
+    judges = summary["judges"]
+    assert judges["rows_judged"] >= ledger["groups_trained"] * 4, judges
+    assert judges["requests_scored"] == ledger["requests_recorded"], judges  # every request through the service
+    assert judges["models"]["rm"]["rows_rescored"] == 0 and judges["models"]["rm"]["actors"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "reward_mean" in r]
+    # the random judge's scores, not the arithmetic rule's 0/1 and not the placeholder 0
+    assert all(r["reward_mean"] != 0.0 for r in train), [r["reward_mean"] for r in train]
+    assert any(r["reward_mean"] not in (0.0, 1.0) for r in train)
+    evals = [r for r in rows if "eval/reward_mean" in r]
+    assert evals and all(r["eval/reward_mean"] != 0.0 for r in evals)  # evaluation scored through the service
+    assert (tmp_path / "run" / "judges.json").exists()
