@@ -50,6 +50,7 @@ class GenerationResult:
     reward_faults: dict[str, int] = field(default_factory=dict)  # samples scored 0 because the reward failed, by reason
     samples: list[dict] = field(default_factory=list)  # a few decoded rows (prompt as the model saw it, response, ...)
     judge_work: list[JudgeWork] = field(default_factory=list)  # groups left to the judge service (reward 0 so far)
+    score_s: float = 0.0  # of gen_s, the time spent scoring here (rules, and judges when they are not deferred)
 
 
 class Generator:
@@ -186,8 +187,10 @@ class Generator:
             else:
                 usable.append((p, out))
         # every sample of the request in one scoring pass: a batched reward sees them all at once
+        t_score = time.time()
         scores = iter(self.rewards.score([p for p, out in usable for _ in out.outputs],
                                          [c.text for _, out in usable for c in out.outputs], self.defer_judges))
+        score_s = time.time() - t_score
         scored = [[next(scores) for _ in out.outputs] for _, out in usable]
         groups = [self._group(p, out, [s or (0.0, "") for s in group_scores], t0)
                   for (p, out), group_scores in zip(usable, scored)]
@@ -198,7 +201,7 @@ class Generator:
         faults = Counter(r.reward_info for r in rows if r.reward_info)  # samples scored 0: the reward raised or was NaN
         return GenerationResult(batch, len(groups), tokens, self.version, time.time() - t0,
                                 self.engine.loading_s() - loading0, dict(skipped), reward_faults=dict(faults),
-                                samples=self._samples(usable, groups, scored), judge_work=work)
+                                samples=self._samples(usable, groups, scored), judge_work=work, score_s=score_s)
 
     def _judge_work(self, usable: list[tuple[Prompt, Output]], scored: list[list]) -> list[JudgeWork]:
         """The groups whose rewards were deferred (None), by judge, with their rows' places in the batch: rows are

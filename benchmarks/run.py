@@ -28,12 +28,14 @@ SUITE = (
     ("benchmarks.learner_memory", ("learner_memory_vs_full_logits", "learner_speed_vs_full_logits")),
     ("benchmarks.async_sync", ("async_vs_sync", "sync_overhead")),
     ("benchmarks.trl_e2e", ("e2e_vs_trl_grpo",)),
+    ("benchmarks.reward_offload", ("reward_offload",)),
 )
 UNITS = {"buffer_vs_ray_queue": ("groups/s", 5.0), "rollout_vs_bare_vllm": ("tokens/s", 0.9),
          "rollout_scaling": ("tokens/s", None), "weight_sync_vs_memcpy": ("bytes/s", 0.5),
          "learner_blocked_fraction": ("s", 0.1), "learner_vs_bare_torch": ("tokens/s", 0.85),
          "learner_memory_vs_full_logits": ("GiB peak", 0.25), "learner_speed_vs_full_logits": ("tokens/s", 0.9),
-         "async_vs_sync": ("learner steps/min", 1.3), "sync_overhead": ("s/step", 1.25), "e2e_vs_trl_grpo": ("samples/s", 2.0)}
+         "async_vs_sync": ("learner steps/min", 1.3), "sync_overhead": ("s/step", 1.25), "e2e_vs_trl_grpo": ("samples/s", 2.0),
+         "reward_offload": ("samples/s", 1.0)}
 
 
 def run_suite(quick: bool, only: set[str] | None) -> tuple[list[dict], bool]:
