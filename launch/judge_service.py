@@ -29,12 +29,15 @@ def scale_judges(service, cfg: RunConfig, asked: dict[str, int], current: dict[s
             events.append({"event": "judges_scaled", "actor": f"judge {name}", "to": n})
 
 
-def judge_failure(error: BaseException) -> None:
-    """A put's acknowledgement failed: if the judge service gave up on a judge (max_failures in a row), stop the run
-    with its error, which names the actor; anything else is a lost request, re-issued by the launcher."""
+def judge_failure(error: BaseException, service=None) -> None:
+    """A put's acknowledgement failed: if the judge service gave up on a judge (max_failures in a row) or died
+    itself, stop the run with an error naming it; anything else is a lost request, re-issued by the launcher."""
     cause = getattr(error, "cause", None)
     if isinstance(error, JudgeFailedError) or isinstance(cause, JudgeFailedError):
         raise RuntimeError(str(cause or error)) from error
+    if service is not None and isinstance(error, ray.exceptions.RayActorError) and \
+            getattr(error, "actor_id", None) == service._actor_id.hex():  # nothing would score a re-issued request
+        raise RuntimeError(f"the judge service died ({str(error).splitlines()[0]}); resume the run to restart it") from error
 
 
 def judge_summary(service, timeout_s: float) -> dict:

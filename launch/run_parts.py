@@ -79,7 +79,8 @@ class RunParts:
                     fetch_timeout_s=self.cfg.weights.timeout_s, weight_transfer_backend=self.push_backend,
                     judges=self.judges)
 
-    judge_failure = staticmethod(judge_failure)
+    def judge_failure(self, error: BaseException) -> None:
+        judge_failure(error, self.judges)  # raises if the judges cannot score any more
 
     def fleet(self, make_actor: Callable[[str, object], object]) -> RolloutFleet:
         A = self.cfg.actors

@@ -107,6 +107,14 @@ def test_pool_replaces_killed_and_stuck_judges_and_scores_every_row_once(ray_loc
     ray.get(service.close.remote())
     for a in (service, buffer):
         ray.kill(a)
+    # a dead service scores nothing more: the launcher stops the run naming it rather than re-issuing forever
+    from launch.judge_service import judge_failure
+
+    with pytest.raises(ray.exceptions.RayActorError) as err:
+        ray.get(service.submit.remote(requests[1][0], [requests[1][1]], "req-new", {}), timeout=60)
+    with pytest.raises(RuntimeError, match="the judge service died"):
+        judge_failure(err.value, service)
+    judge_failure(err.value, buffer)  # another actor's death: a lost request, re-issued (no raise)
 
 
 def _until(predicate, timeout=120.0):

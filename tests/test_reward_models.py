@@ -213,3 +213,25 @@ def test_launch_scale_writes_judge_pool_sizes(tmp_path):
     assert control.poll().reward_actors == {"rm": 3}
     assert main(["--run", str(tmp_path), "--reward-actors", "pm=2"]) == 2  # no such judge
     assert main(["--run", str(tmp_path), "--reward-actors", "rm"]) == 2  # not NAME=N
+
+
+def test_control_resizes_only_known_judges_that_changed(judge_dir):
+    from launch.config import load_config, parse_overrides
+    from launch.judge_service import scale_judges
+
+    class Pool:  # stands in for the service actor's handle: records what the launcher asks of it
+        def __init__(self):
+            self.asked = []
+            self.scale = self
+
+        def remote(self, name, n):
+            self.asked.append((name, n))
+
+    cfg = load_config(None, parse_overrides(["--actors.reward", "model:rm", "--rewards.models",
+                                             f"{{rm: {{path: {judge_dir}, num_actors: 2}}}}"]))
+    service, sizes, events = Pool(), {}, []
+    scale_judges(service, cfg, {"rm": 2}, sizes, events)  # the size it has: nothing to do
+    scale_judges(service, cfg, {"rm": 3, "pm": 1}, sizes, events)
+    scale_judges(service, cfg, {"rm": 3}, sizes, events)  # control.json re-read unchanged
+    assert service.asked == [("rm", 3)]
+    assert [e["event"] for e in events] == ["judges_scaled", "scale_refused"] and "'pm'" in events[1]["error"]
