@@ -46,33 +46,51 @@ def test_generator_defers_judged_groups_and_scores_rule_routes_inline(tiny_model
     assert len(judge.score_groups(work.groups)) == 2
 
 
-def test_train_with_a_reward_model_keeps_the_ledger_exact(tmp_path, tiny_model_dir, judge_dir):
+def _train(tmp_path, tiny_model_dir, *overrides):
     from launch.config import load_config, parse_overrides
     from launch.train import run
 
-    steps = 6
     cfg = load_config(None, parse_overrides([
         "--model.path", tiny_model_dir, "--data.max_operand", "4", "--output_dir", str(tmp_path),
         "--progress", "false", "--tensorboard", "false", "--ray.num_cpus", "3", "--actors.num_cpus", "0.5",
         "--learner.num_cpus", "1", "--actors.prompts_per_request", "4", "--learner.groups_per_step", "4",
         "--learner.micro_batch_groups", "4", "--actors.n", "4", "--learner.track_ref_kl", "false",
-        "--learner.total_steps", str(steps), "--buffer.max_staleness", "1", "--learner.checkpoint_every", "0",
-        "--data.eval", "synthetic:arithmetic", "--data.eval_every", "3",
-        "--actors.reward", "model:rm", "--rewards.models", f"{{rm: {{path: {judge_dir}, num_cpus: 0.5}}}}"]))
+        "--buffer.max_staleness", "1", "--learner.checkpoint_every", "0", *overrides]))
     summary = run(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "reward_mean" in r]
+    assert max(r["staleness_max"] for r in train) <= 1  # scoring off the generation path keeps the bound
     ledger = summary["ledger"]
-    assert summary["steps"] == steps
     assert ledger["groups_lost"] == 0 and ledger["groups_trained_too_often"] == 0, ledger
     assert ledger["requests_recorded"] == ledger["requests_dispatched"], ledger
+    return summary, rows, train
+
+
+def test_train_with_a_reward_model_keeps_the_ledger_exact(tmp_path, tiny_model_dir, judge_dir):
+    steps = 6
+    summary, rows, train = _train(tmp_path, tiny_model_dir, "--learner.total_steps", str(steps),
+                                  "--data.eval", "synthetic:arithmetic", "--data.eval_every", "3",
+                                  "--actors.reward", "model:rm",
+                                  "--rewards.models", f"{{rm: {{path: {judge_dir}, num_cpus: 0.5}}}}")
+    ledger = summary["ledger"]
+    assert summary["steps"] == steps
     judges = summary["judges"]
     assert judges["rows_judged"] >= ledger["groups_trained"] * 4, judges
     assert judges["requests_scored"] == ledger["requests_recorded"], judges  # every request through the service
     assert judges["models"]["rm"]["rows_rescored"] == 0 and judges["models"]["rm"]["actors"] == 1
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "reward_mean" in r]
     # the random judge's scores, not the arithmetic rule's 0/1 and not the placeholder 0
     assert all(r["reward_mean"] != 0.0 for r in train), [r["reward_mean"] for r in train]
     assert any(r["reward_mean"] not in (0.0, 1.0) for r in train)
     evals = [r for r in rows if "eval/reward_mean" in r]
     assert evals and all(r["eval/reward_mean"] != 0.0 for r in evals)  # evaluation scored through the service
     assert (tmp_path / "run" / "judges.json").exists()
+
+
+def test_online_ipo_with_a_preference_model(tmp_path, tiny_model_dir, judge_dir):
+    """kind: preference: every group's rewards are win rates (mean 0.5 exactly, Borda), ipo trains on best vs worst."""
+    summary, _, train = _train(tmp_path, tiny_model_dir, "--learner.total_steps", "4",
+                               "--learner.objective.name", "ipo", "--actors.reward", "model:pm",
+                               "--rewards.models", f"{{pm: {{kind: preference, path: {judge_dir}, num_cpus: 0.5}}}}")
+    assert summary["steps"] == 4 and summary["judges"]["rows_judged"] > 0
+    assert all(r["reward_mean"] == pytest.approx(0.5, abs=1e-6) for r in train), [r["reward_mean"] for r in train]
+    assert all(r["loss"] != 0.0 for r in train)
