@@ -44,7 +44,8 @@ class JudgeSlot:
     failures: int = 0  # consecutive
     restarts: int = 0
     retiring: bool = False
-    pid: int | None = None
+    pid: int | None = None  # set once it answered: ready
+    busy: bool = False  # scoring a chunk
 
 
 class JudgePool:
@@ -82,9 +83,17 @@ class JudgePool:
         for index in range(first, first + n - len(live)):
             self._start(index)
             self.events.append({"event": "judge_added", "actor": self.slots[index].actor_id})
-        for index in reversed(live[n:]):  # removed when next free: a busy one finishes its chunk first
-            self.slots[index].retiring = True
-            self.events.append({"event": "judge_retiring", "actor": self.slots[index].actor_id})
+        for index in reversed(live[n:]):  # a busy one finishes its chunk first (removed when it is taken next)
+            slot = self.slots[index]
+            slot.retiring = True
+            self.events.append({"event": "judge_retiring", "actor": slot.actor_id})
+            if slot.pid is not None and not slot.busy:  # idle: now (its queue entry is skipped as stale)
+                self._remove(slot)
+
+    def _remove(self, slot: JudgeSlot) -> None:
+        del self.slots[slot.index]
+        ray.kill(slot.actor, no_restart=True)
+        self.events.append({"event": "judge_removed", "actor": slot.actor_id})
 
     def _holds(self, index: int, actor_id: str) -> bool:
         return index in self.slots and self.slots[index].actor_id == actor_id
@@ -100,10 +109,9 @@ class JudgePool:
                 continue
             slot = self.slots[index]
             if slot.retiring:
-                del self.slots[index]
-                ray.kill(slot.actor, no_restart=True)
-                self.events.append({"event": "judge_removed", "actor": actor_id})
+                self._remove(slot)
                 continue
+            slot.busy = True
             return slot
 
     async def score(self, groups: list[Group]) -> list[list[Scored]]:
@@ -128,7 +136,7 @@ class JudgePool:
                     raise self.broken
                 self.stats.update(chunks_rescored=1, rows_rescored=rows)
                 continue
-            slot.failures = 0
+            slot.failures, slot.busy = 0, False
             self.stats.update(chunks_scored=1, rows_scored=rows)
             self.free.put_nowait((slot.index, slot.actor_id))
             return out

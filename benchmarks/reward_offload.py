@@ -8,7 +8,9 @@ classifier with the default job's tokenizer; its size sets how much scoring cost
   next request at once, and a request is done when the service's put to the buffer is acknowledged;
 - inline (baseline): the actor holds its own copy of the judge and scores inside `generate` before its put.
 
-value / baseline: median samples/s (service / inline), from the first request sent to the last acknowledgement.
+value / baseline: median samples/s (service / inline), from the first request sent to the last acknowledgement
+(with one judge actor, the judge bounds this once it is slower than sampling). `actor_samples_per_s_*`: the rollout
+actor's own rate, samples over the time until its last request returned.
 Also per path: the rollout actor's idle fraction, 1 - (time spent sampling) / (time until its last request
 returned), where a request's sampling time is its `gen_s - score_s`: while an actor scores inline its engine samples
 nothing, as while it waits for a Ray call. `*_ack_tail_s`: from the actor's last return to the last
@@ -110,6 +112,8 @@ def run(quick: bool) -> dict:
                 s[which] = round(out["samples"] / out["wall_s"], 1)
                 s[f"{which}_wall_s"], s[f"{which}_idle"] = round(out["wall_s"], 3), round(out["idle"], 3)
                 s[f"{which}_ack_tail_s"] = round(out["ack_tail_s"], 3)
+                # the actor's own rate: samples over the time until its last request returned
+                s[f"{which}_actor_sps"] = round(out["samples"] / (out["wall_s"] - out["ack_tail_s"]), 1)
             samples.append(s)
     finally:
         ray.get(service.close.remote())
@@ -121,6 +125,8 @@ def run(quick: bool) -> dict:
                   spread=spread([s["service"] / s["inline"] for s in samples]),
                   idle_fraction_service=statistics.median(s["service_idle"] for s in samples),
                   idle_fraction_inline=statistics.median(s["inline_idle"] for s in samples),
+                  actor_samples_per_s_service=statistics.median(s["service_actor_sps"] for s in samples),
+                  actor_samples_per_s_inline=statistics.median(s["inline_actor_sps"] for s in samples),
                   config={"model": model_path, "judge": judge_path, "n": cfg.n, "max_tokens": cfg.max_tokens,
                           "prompts_per_request": cfg.prompts_per_request, "requests_per_sample": n_requests,
                           "judge_actors": 1, "cpus_per_actor": cfg.num_cpus})

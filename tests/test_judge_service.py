@@ -100,10 +100,12 @@ def test_pool_replaces_killed_and_stuck_judges_and_scores_every_row_once(ray_loc
     assert again == -1 and ray.get(service.stats.remote())["duplicates_refused"] == 1
     # the pool resizes at run time (launch.scale's reward_actors)
     ray.get(service.scale.remote("rm", 3))
-    deadline = time.monotonic() + 120
-    while len(pids()) < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    _until(lambda: len(pids()) == 3)
+    ray.get(service.scale.remote("rm", 1))  # idle judges leave at once
+    assert len(ray.get(service.snapshot.remote())["rm"]) == 1
+    remote = ray.get(service.score.remote("rm", requests[0][1].groups), timeout=60)  # evaluation's path
+    local = judge.score_groups(requests[0][1].groups)
+    assert [v for g in remote for v, _ in g] == pytest.approx([v for g in local for v, _ in g], abs=1e-5)
     ray.get(service.close.remote())
     for a in (service, buffer):
         ray.kill(a)
