@@ -4,6 +4,10 @@ rewards, evaluates with them, and its ledger stays exact."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 
@@ -66,8 +70,27 @@ def _train(tmp_path, tiny_model_dir, *overrides):
     return summary, rows, train
 
 
+def _kill_judge_at_step(run_dir, step: int, killed: list) -> threading.Thread:
+    """SIGKILL the judge judges.json names once metrics.jsonl has `step` lines (a fault from outside the run)."""
+    def watch():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            metrics, pools = run_dir / "metrics.jsonl", run_dir / "judges.json"
+            if metrics.exists() and sum(1 for _ in metrics.open()) >= step and pools.exists():
+                pid = json.loads(pools.read_text())["pools"]["rm"][0]["pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.1)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
 def test_train_with_a_reward_model_keeps_the_ledger_exact(tmp_path, tiny_model_dir, judge_dir):
-    steps = 6
+    """A judge SIGKILLed at step 2 is replaced and its chunk re-scored: the run finishes with every group counted."""
+    steps, killed = 8, []
+    _kill_judge_at_step(tmp_path / "run", 2, killed)
     summary, rows, train = _train(tmp_path, tiny_model_dir, "--learner.total_steps", str(steps),
                                   "--data.eval", "synthetic:arithmetic", "--data.eval_every", "3",
                                   "--actors.reward", "model:rm",
@@ -77,7 +100,11 @@ def test_train_with_a_reward_model_keeps_the_ledger_exact(tmp_path, tiny_model_d
     judges = summary["judges"]
     assert judges["rows_judged"] >= ledger["groups_trained"] * 4, judges
     assert judges["requests_scored"] == ledger["requests_recorded"], judges  # every request through the service
-    assert judges["models"]["rm"]["rows_rescored"] == 0 and judges["models"]["rm"]["actors"] == 1
+    assert killed, "the judge was never killed"
+    rm = judges["models"]["rm"]
+    assert rm["actor_failures"] == 1 and rm["rows_rescored"] > 0 and rm["actors"] == 1, judges
+    events = (tmp_path / "run" / "judge_events.jsonl").read_text()
+    assert '"judge_failed", "actor": "rm-0"' in events and '"judge_restarted", "actor": "rm-0.r1"' in events
     # the random judge's scores, not the arithmetic rule's 0/1 and not the placeholder 0
     assert all(r["reward_mean"] != 0.0 for r in train), [r["reward_mean"] for r in train]
     assert any(r["reward_mean"] not in (0.0, 1.0) for r in train)
