@@ -225,7 +225,10 @@ class Rewards:
                 groups[-1].append(i)
             else:
                 groups.append([i])
-        scored = self.judge(route.name, [(prompts[g[0]].chat(), [responses[i] for i in g]) for g in groups])
+        try:
+            scored = self.judge(route.name, [(prompts[g[0]].chat(), [responses[i] for i in g]) for g in groups])
+        except Exception as exc:  # the judges failed as a whole (rows that fail alone are scored 0 by the judge)
+            return [(0.0, f"reward_error:{type(exc).__name__}")] * len(rows)
         return [s for group in scored for s in group]
 
 

@@ -271,8 +271,9 @@ class RunParts:
     def close(self) -> None:
         try:  # the run is over (the summary is written after this): keep the service's counters, then stop it
             self._judge_stats = judge_summary(self.judges, self.cfg.ray.rpc_timeout_s)
-        finally:
-            close_judges(self.judges)
+        except (ray.exceptions.RayError, TimeoutError) as exc:  # a dead service: the run's own error says why
+            self._judge_stats = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        close_judges(self.judges)
         if self.transport is not None:
             self.transport.close()  # e.g. the shared-memory slots in /dev/shm
 

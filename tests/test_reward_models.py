@@ -163,6 +163,11 @@ def test_model_routes_defer_or_score_as_groups():
     with pytest.raises(ValueError, match="name a model"):
         Rewards("model:")
 
+    def broken(name, groups):
+        raise TimeoutError("judge service unreachable")
+
+    assert Rewards("model:rm", judge=broken).score([a, a], ["2", "3"]) == [(0.0, "reward_error:TimeoutError")] * 2
+
 
 def _problem(models: dict, reward="model:rm", n=4, evaluates=False):
     return reward_model_problem({"actors.reward": reward}, RewardsConfig(models=models), n, evaluates)
