@@ -21,12 +21,19 @@ class RolloutActor:
 
     def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int,
                  buffer, transport: WeightTransport | None, fetch_timeout_s: float, version: int = 0,
-                 weight_transfer_backend: str | None = None, judges=None, local_judges: dict | None = None):
+                 weight_transfer_backend: str | None = None, adapter_rank: int | None = None,
+                 initial_adapter: str | None = None, judges=None, local_judges: dict | None = None):
+        """`adapter_rank`: versions arrive as LoRA adapters of up to that rank (learner.lora.sync adapter), served on
+        the base model `model_path`; `initial_adapter`: the PEFT directory of `version` (a resumed run's checkpoint).
+        `judges`: the judge service that scores model:<name> rewards (`local_judges`: judges loaded here instead)."""
         # Python/NumPy/torch draws here (user reward code, tie-breaking) follow the run's seed, distinct per actor
         # like the engine's own sampling seed (actors/engines.py)
         seed_everything(actor_seed(cfg, generator_id))
         # the engine follows cfg.weight_update_mode: synchronous (push transports allowed), or async for in_flight
-        self.gen = Generator(cfg, model_path, generator_id, max_model_len, version, weight_transfer_backend)
+        self.gen = Generator(cfg, model_path, generator_id, max_model_len, version, weight_transfer_backend,
+                             adapter_rank=adapter_rank)
+        if initial_adapter is not None:
+            self.gen.load_adapter_dir(version, initial_adapter)
         self.buffer, self.transport, self.fetch_timeout_s = buffer, transport, fetch_timeout_s
         self.judges = judges
         attach_judges(self.gen, judges, local_judges, fetch_timeout_s)

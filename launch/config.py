@@ -15,12 +15,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.config import ActorConfig
-from actors.reward_config import RewardsConfig, looks_local, reward_model_problem
-from actors.rewards import Rewards
+from actors.reward_config import RewardsConfig
 from buffer.config import BufferConfig
 from learner.config import LearnerConfig
 from learner.objectives.config import READS
+from launch.lora_sync import resolve_lora_sync
+from launch.reward_check import check_rewards
 from launch.offline_config import OfflineSourceConfig, check_offline
+from launch.sources_config import SourceConfig, check_data, looks_local, with_source_rewards
 from transport.registry import TRANSPORTS, pushes
 
 
@@ -71,6 +73,8 @@ class DataConfig(BaseModel):
     train: str = "synthetic:arithmetic"
     """Training prompts: synthetic:arithmetic; a .jsonl, .json or .parquet file; or any `datasets` source (a local
     directory or data file, a packaged builder such as json/parquet with data.load_kwargs, a hub name where online)."""
+    sources: list[SourceConfig] = []
+    """A mixture instead of data.train: sources with sampling weights and rewards (launch/sources_config.py)."""
     eval: str | None = None
     """Held-out prompts for greedy evaluation (same forms as data.train), or None."""
     eval_every: int = Field(0, ge=0)
@@ -191,6 +195,10 @@ class RunConfig(BaseModel):
         if any(s.behaviour == "reference" for s in self.data.offline) and "behaviour_fill" not in \
                 self.learner.model_fields_set:  # the learner computes those rows' behaviour log-probs
             self.learner = self.learner.model_copy(update={"behaviour_fill": "reference"})
+        # every source's reward is a route of actors.reward, so the rollout actors score each row by its source
+        reward = with_source_rewards(self.actors.reward, "reward" in self.actors.model_fields_set, self.data.sources)
+        if reward != self.actors.reward:
+            self.actors = self.actors.model_copy(update={"reward": reward})
         objective = self.learner.objective
         if "max_len" not in objective.model_fields_set and "max_len" in READS[objective.name]:
             objective = objective.model_copy(update={"max_len": self.actors.max_tokens})
@@ -228,6 +236,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
+    if not first["loc"] and "error" in first.get("ctx", {}):  # RunConfig's own validator: its message names the keys
+        return str(first["ctx"]["error"])
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"unknown config key {key!r}"
@@ -256,9 +266,6 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     return cfg
 
 
-PACKAGED_BUILDERS = ("json", "csv", "parquet", "arrow", "text")  # datasets.load_dataset names read data.load_kwargs
-
-
 def validate(cfg: RunConfig) -> None:
     """Rules that span components: each one would otherwise deadlock or fail late."""
     L, A, B = cfg.learner, cfg.actors, cfg.buffer
@@ -267,21 +274,17 @@ def validate(cfg: RunConfig) -> None:
                           "(pip install 'relay-rl[wandb]', or set wandb false)")
     if cfg.model.path is not None and looks_local(cfg.model.path) and not Path(cfg.model.path).expanduser().exists():
         raise ConfigError(f"config key 'model.path': {cfg.model.path} does not exist")
-    for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if source and not source.startswith("synthetic:") and source not in PACKAGED_BUILDERS \
-                and looks_local(source) and not Path(source).expanduser().exists():
-            raise ConfigError(f"config key {key!r}: dataset file {source} does not exist")
+    if problem := check_data(cfg.data):  # prompt files exist; data.sources' rules
+        raise ConfigError(problem)
     _check_transport(cfg)
+    if problem := resolve_lora_sync(cfg):  # learner.lora.sync auto: adapter where adapters can travel
+        raise ConfigError(problem)
     if A.top_p < 1.0 or A.top_k > 0:
         key = "actors.top_p" if A.top_p < 1.0 else "actors.top_k"
         raise ConfigError(f"config key {key!r}: the learner's log-probs are of the whole softmax at actors.temperature, "
                           "while vLLM records them under the truncated distribution it samples from, so every "
                           "importance ratio would be biased; sample with top_p 1.0 and top_k 0")
-    try:  # user code is loaded here, in the driver, so a wrong path or name fails before any actor starts
-        Rewards(A.reward)
-    except Exception as exc:  # a bad spec, or user code that fails while it is imported
-        raise ConfigError(f"config key 'actors.reward': {type(exc).__name__}: {exc}") from None
-    if problem := reward_model_problem({"actors.reward": A.reward}, cfg.rewards, A.n, bool(cfg.data.eval)):
+    if problem := check_rewards(cfg):  # reward specs (user code loads here, in the driver) and their judges
         raise ConfigError(problem)
     _check_engine(cfg)  # resolves model.max_model_len
     D = cfg.data
@@ -290,10 +293,9 @@ def validate(cfg: RunConfig) -> None:
                           f"exceeds model.max_model_len={cfg.model.max_model_len}")
     if problem := check_offline(D, L, pushes(cfg.weights.transport)):
         raise ConfigError(problem)
-    if cfg.data.eval_every and not cfg.data.eval:
-        raise ConfigError("config key 'data.eval_every': set data.eval to a held-out prompt file as well")
-    max_len = L.objective.max_len
-    if max_len is not None and max_len < A.max_tokens:
+    if D.eval_every and not (D.eval or any(s.eval for s in D.sources)):
+        raise ConfigError("config key 'data.eval_every': set data.eval (or data.sources[i].eval) to held-out prompts")
+    if (max_len := L.objective.max_len) is not None and max_len < A.max_tokens:
         raise ConfigError(f"config key 'learner.objective.max_len': {max_len} is shorter than actors.max_tokens="
                           f"{A.max_tokens}; token_sum's constant B * max_len must cover the longest response")
     if L.groups_per_step % L.num_ranks:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from actors.prompts import Prompt, PromptFormat, has_chat_template, render_all
-from launch.config import PACKAGED_BUILDERS, DataConfig
+from launch.config import DataConfig
+from launch.sources_config import PACKAGED_BUILDERS
 
 SYNTHETIC_PREFIX = "synthetic:"
 

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import ray
 
-from actors.actor import make_rollout_actor
 from actors.generator import GenerationResult
 from launch import checkpoint
 from launch.calls import Call, Calls
 from launch.config import RunConfig
 from launch.run_parts import RunParts, learner_died, step_record
-from launch.state import Request, RunState, Throughput
+from launch.state import Request, Throughput
 from transport.base import WeightHandle
 
 FINISHING = ("generate", "ack", "recorded", "evaluate")  # calls the end of a run waits for
@@ -37,7 +36,7 @@ class Launcher:
         self.cfg, self.run_dir = cfg, run_dir
         self.parts = RunParts(cfg, run_dir, model_path, data)  # buffer, learner ranks, transport, prompts
         self.buffer, self.ranks, self.transport = self.parts.buffer, self.parts.ranks, self.parts.transport
-        self.state = RunState(skipped=self.parts.skipped, rollout_actors=self.parts.rollout_actors)
+        self.state = self.parts.initial_state()
         self.handle: WeightHandle | None = None  # the newest published weights
         self.start_step, self.serving_path, self.resumed_from = 0, model_path, None
         self.calls = Calls()
@@ -61,8 +60,9 @@ class Launcher:
         return self.handle.version if self.handle is not None else self.start_step
 
     def _new_actor(self, generator_id: str, placement):
-        return make_rollout_actor(self.cfg.actors, generator_id, placement, model_path=self.serving_path,
-                                  version=self.policy_version, **self.parts.actor_kwargs())
+        # it holds serving_path's weights, version start_step: a newer handle loads at its first request (labelled
+        # with the newest version, a replacement would serve the start's weights under it and never load it)
+        return self.parts.new_actor(generator_id, placement, self.serving_path, self.start_step)
 
     # ---- scheduling: start whatever can start now; completions: handle whatever finished -----------
     def _watch_starting(self) -> None:
@@ -162,8 +162,7 @@ class Launcher:
         if missing := len(req.prompts) - result.groups:  # groups that never arrive give their admission back
             self.buffer.release.remote(missing)
             self.releases += 1
-        self.state.skipped.update(result.skipped)
-        self.state.reward_faults.update(result.reward_faults)
+        self.state.count(result)  # skipped (by reason and by source), reward faults
         self.log.keep_samples(result.samples)
         self.throughput.add(result.groups * self.cfg.actors.n, result.tokens, result.gen_s)
         self.last_load_s = result.load_s or self.last_load_s

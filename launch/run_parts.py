@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Callable
 
 import ray
 
-from actors.actor import place_rollout_actor
+from actors.actor import make_rollout_actor, place_rollout_actor
 from buffer.actor import make_buffer_actor
 from launch.config import RunConfig
 from launch.control import ControlFile
-from launch.data import PromptStream
+from launch.mixture import make_stream, source_summary
 from launch.run_data import RunData, prepare_prompts
 from launch.fleet import RolloutFleet
 from launch.judge_service import close_judges, judge_failure, judge_summary, scale_judges, start_judges
@@ -31,11 +31,11 @@ if TYPE_CHECKING:
 
 class RunParts:
     def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str, data: RunData | None = None):
-        self.cfg, self.run_dir = cfg, run_dir
+        self.cfg, self.run_dir, self.model_path = cfg, run_dir, model_path
         self._mismatch_warned: set[str] = set()
         self.data = data or prepare_prompts(cfg, model_path)  # launch.train prepares it before Ray starts
         self.skipped: Counter[str] = Counter(self.data.train.skipped)  # rows skipped at load, by reason
-        self.stream = PromptStream(self.data.train.prompts, cfg.data.seed)
+        self.stream = make_stream(self.data.train, self.data.sources, cfg.data.seed)  # data.train, or the mixture
         self.eval_prompts = self.data.eval
         kind = transport_class(cfg.weights.transport)
         if not kind.crosses_nodes and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
@@ -59,6 +59,13 @@ class RunParts:
         self._stats_asked, self._all_filtered_since = (-1, 0.0), None  # (step, time) of the last ask
         self._recent_filter_rate = 0.0  # buffer.filter's rate between the two newest stats (about one step)
 
+    def initial_state(self) -> RunState:
+        """A new run's state: the rows skipped at load counted (by reason, and by source for data.sources)."""
+        from launch.state import RunState
+
+        by_source = Counter({s.name: sum(s.train.skipped.values()) for s in self.data.sources})
+        return RunState(skipped=self.skipped, skipped_by_source=+by_source, rollout_actors=self.rollout_actors)
+
     def _load_offline(self, per_step: int) -> None:
         """data.offline's groups into the buffer's offline pool, before any actor starts."""
         if not self.data.offline:
@@ -73,11 +80,18 @@ class RunParts:
         for o in self.data.offline:
             self.skipped.update({f"offline/{k}": v for k, v in o.skipped.items()})
 
-    def actor_kwargs(self) -> dict:
-        """What every rollout actor of this run is started with besides its weights (actors/actor.py)."""
-        return dict(max_model_len=self.cfg.model.max_model_len, buffer=self.buffer, transport=self.transport,
-                    fetch_timeout_s=self.cfg.weights.timeout_s, weight_transfer_backend=self.push_backend,
-                    judges=self.judges)
+    def new_actor(self, generator_id: str, placement, weights: str, version: int):
+        """A rollout actor serving `version`, the weights in `weights` (the model, or a resumed run's checkpoint
+        `model/`). With adapter sync it serves the base model, plus the checkpoint's adapter when resumed."""
+        L = self.cfg.learner
+        adapter = L.lora is not None and L.lora.sync == "adapter"
+        resumed = adapter and weights != self.model_path
+        return make_rollout_actor(
+            self.cfg.actors, generator_id, placement, model_path=self.model_path if adapter else weights,
+            max_model_len=self.cfg.model.max_model_len, buffer=self.buffer, transport=self.transport,
+            fetch_timeout_s=self.cfg.weights.timeout_s, version=version, weight_transfer_backend=self.push_backend,
+            adapter_rank=L.lora.rank if adapter else None,
+            initial_adapter=str(Path(weights) / "adapter") if resumed else None, judges=self.judges)
 
     def judge_failure(self, error: BaseException) -> None:
         judge_failure(error, self.judges)  # raises if the judges cannot score any more
@@ -143,10 +157,13 @@ class RunParts:
                          wandb=cfg.model_dump(mode="json") if cfg.wandb else None,
                          samples=(cfg.log_samples_every, cfg.log_samples))
         if not start_step:
-            log.event({"step": 0, "event": "data", "train": cfg.data.train, "prompts": len(self.data.train.prompts),
+            train = None if cfg.data.sources else cfg.data.train  # a mixture's are under "sources"
+            log.event({"step": 0, "event": "data", "train": train, "prompts": len(self.data.train.prompts),
                        "skipped": self.data.train.skipped, "eval_prompts": len(self.data.eval),
                        "offline": {o.name: {"groups": o.groups, "rows": o.table.num_rows, "skipped": o.skipped}
-                                   for o in self.data.offline}})
+                                   for o in self.data.offline},
+                       "sources": {s.name: {"weight": s.weight, "prompts": len(s.train.prompts), "skipped":
+                                            s.train.skipped, "eval_prompts": len(s.eval)} for s in self.data.sources}})
         if start_step:
             log.event({"step": start_step, "event": "resumed", "path": resumed_from})
         return log, read_history(self.run_dir, start_step) if start_step else []
@@ -254,7 +271,9 @@ class RunParts:
     def summary(self, state: RunState, history: list[dict], wall_s: float, start_step: int, stopped: bool) -> dict:
         """summary.json: the run's outcome, the final weights, and the ledger of every group dispatched."""
         timeout = self.cfg.ray.rpc_timeout_s
-        final = ray.get([r.save_pretrained.remote(str(self.run_dir / "final")) for r in self.ranks], timeout=timeout)[0]
+        lora = self.cfg.learner.lora  # with LoRA the adapter always, the merged model with --merge (merge_final)
+        final = ray.get([r.save_pretrained.remote(str(self.run_dir / "final"), lora is None or lora.merge_final)
+                         for r in self.ranks], timeout=timeout)[0]
         buffer_stats = ray.get(self.buffer.stats.remote(), timeout=timeout)
         out = summarize(history, wall_s, final, buffer_stats, dict(state.skipped))
         unfinished = sum(len(r.prompts) for r in state.requests.values())
@@ -266,6 +285,9 @@ class RunParts:
         out.update(reward_faults=dict(faults), resumed_from_step=start_step, stopped_at_request=stopped)
         if judges:
             out["judges"] = judges
+        if self.data.sources:
+            out["sources"] = source_summary(self.data.sources, history, state.dispatched_by_source,
+                                            state.skipped_by_source)
         return out
 
     def close(self) -> None:
@@ -292,4 +314,6 @@ def step_record(state: RunState, policy_version: int, metrics: dict, throughput:
         "actor_restarts": sum(s.restarts for s in fleet.slots.values()),
         **{f"skipped/{k}": v for k, v in state.skipped.items()},
         **{f"reward_faults/{k}": v for k, v in state.reward_faults.items()},
+        **{f"dispatched/{k}": v for k, v in state.dispatched_by_source.items()},  # groups, by data_source
+        **{f"skipped_by_source/{k}": v for k, v in state.skipped_by_source.items()},
     }

@@ -32,6 +32,9 @@ class Request:
                    d.get("attempts", 0), d.get("offered_version", 0))
 
 
+COUNTERS = ("skipped", "reward_faults", "trained", "dispatched_by_source", "skipped_by_source")
+
+
 @dataclass
 class RunState:
     step: int = 0  # learner optimizer steps == the learner's weight version: the run's one clock
@@ -44,18 +47,27 @@ class RunState:
     reward_faults: Counter = field(default_factory=Counter)  # reason -> samples scored 0
     trained: Counter = field(default_factory=Counter)  # group id -> times a learner step used it
     rollout_actors: int = 1  # the fleet size asked for (config, then launch.scale)
+    dispatched_by_source: Counter = field(default_factory=Counter)  # data_source -> groups dispatched
+    skipped_by_source: Counter = field(default_factory=Counter)  # data_source -> groups skipped (at load, generating)
 
     def new_request(self, prompts: list[Prompt]) -> Request:
         req = Request(f"req-{self.request_seq:09d}", prompts)
         self.request_seq += 1
         self.groups_dispatched += len(prompts)
+        self.dispatched_by_source.update(p.data_source for p in prompts if p.data_source)
         self.requests[req.id] = req
         return req
+
+    def count(self, result) -> None:
+        """What a stored request's generation (actors.generator.GenerationResult) skipped and scored 0."""
+        self.skipped.update(result.skipped)
+        self.skipped_by_source.update({k: v for k, v in result.skipped_by_source.items() if k})  # untagged: no source
+        self.reward_faults.update(result.reward_faults)
 
     def to_json(self) -> dict:
         # field by field: asdict would rebuild each Counter from (key, value) pairs, i.e. count the pairs
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        out.update({name: dict(getattr(self, name)) for name in ("skipped", "reward_faults", "trained")})
+        out.update({name: dict(getattr(self, name)) for name in COUNTERS})
         out["requests"] = [asdict(r) for r in self.requests.values()]
         return out
 
@@ -64,7 +76,7 @@ class RunState:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         state = cls(**known)
         state.requests = {r["id"]: Request.from_json(r) for r in d.get("requests", [])}
-        for name in ("skipped", "reward_faults", "trained"):
+        for name in COUNTERS:
             setattr(state, name, Counter(getattr(state, name)))
         return state
 

@@ -74,6 +74,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     parser.add_argument("--run-dir", help="run directory (default: <output_dir>/<name>-<timestamp>)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue RUN_DIR from its latest checkpoint, with its config.yaml (overrides still apply)")
+    parser.add_argument("--merge", action="store_true",
+                        help="LoRA runs: also write the merged full model to final/ (learner.lora.merge_final); "
+                             "the adapter, in PEFT format, is written to final/adapter/ either way")
     args, rest = parser.parse_known_args(argv)
     if args.resume:
         if args.config or args.run_dir:
@@ -83,6 +86,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
             raise ConfigError(f"--resume {args.resume}: not a run directory ({config} missing)")
         args.config, args.run_dir = str(config), args.resume
     cfg = load_config(args.config, parse_overrides(rest))
+    if args.merge:
+        if cfg.learner.lora is None:
+            raise ConfigError("--merge merges a LoRA adapter into the base model, but learner.lora is not set")
+        cfg.learner = cfg.learner.model_copy(update={"lora": cfg.learner.lora.model_copy(update={"merge_final": True})})
     return args, cfg
 
 
@@ -148,9 +155,14 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                                                        prompt_format(cfg.data))
     check_model(cfg, model_path)  # the built tiny model only now; a user model again, for a config built in code
     data = prepare_prompts(cfg, model_path, Rewards(cfg.actors.reward))  # bad data fails here, before Ray starts
-    print(f"relay: data.train {cfg.data.train}: {len(data.train.prompts)} prompts"
-          + (f", skipped {data.train.skipped}" if data.train.skipped else "")
-          + (f"; data.eval {cfg.data.eval}: {len(data.eval)} prompts" if cfg.data.eval else ""), file=sys.stderr)
+    if not data.sources:
+        print(f"relay: data.train {cfg.data.train}: {len(data.train.prompts)} prompts"
+              + (f", skipped {data.train.skipped}" if data.train.skipped else "")
+              + (f"; data.eval {cfg.data.eval}: {len(data.eval)} prompts" if cfg.data.eval else ""), file=sys.stderr)
+    for s in data.sources:
+        print(f"relay: data.sources {s.name} (weight {s.weight:g}): {len(s.train.prompts)} prompts"
+              + (f", skipped {s.train.skipped}" if s.train.skipped else "")
+              + (f"; eval: {len(s.eval)} prompts" if s.eval else ""), file=sys.stderr)
     for o in data.offline:
         print(f"relay: data.offline {o.name}: {o.table.num_rows} rows in {o.groups} groups"
               + (f", skipped {o.skipped}" if o.skipped else ""), file=sys.stderr)

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import ray
 
+from learner.batch import source_metrics
 from learner.config import LearnerConfig
 from learner.learner import Learner
 
@@ -57,12 +58,14 @@ class LearnerRank:
         metrics["weight_sync_s"] = publish_s
         # Every rank receives the whole batch; rank 0 reports its groups for the run's exactly-once ledger.
         group_ids = batch.column("group_id").unique().to_pylist() if self.learner.rank == 0 else []
+        if self.learner.rank == 0:  # over the whole batch, after the ranks' all-reduce (their sources differ)
+            metrics.update(source_metrics(batch))
         mismatch = self.learner.mismatch if self.learner.rank == 0 else {}  # per generator (learner/mismatch.py)
         return {"metrics": metrics, "handle": handle, "step": self.learner.step, "group_ids": group_ids,
                 "mismatch": mismatch}
 
-    def save_pretrained(self, out_dir: str):
-        return self.learner.save_pretrained(out_dir)
+    def save_pretrained(self, out_dir: str, merge: bool | None = None):
+        return self.learner.save_pretrained(out_dir, merge)
 
     def connect_generators(self, transport: str, bucket_mb: float, timeout_s: float, generators: dict,
                            workers_per_generator: int = 1) -> None:

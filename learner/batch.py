@@ -133,6 +133,20 @@ def staleness_stats(batch: TrainBatch, learner_version: int) -> dict[str, float]
     }
 
 
+def source_metrics(batch: pa.RecordBatch) -> dict[str, float]:
+    """reward_mean/<source> and groups/<source> of a batch (ROLLOUT_SCHEMA), for every non-empty data_source."""
+    import pyarrow as pa
+
+    table = pa.Table.from_batches([batch]).group_by("data_source").aggregate(
+        [("reward", "mean"), ("group_id", "count_distinct")])
+    columns = (table.column(c).to_pylist() for c in ("data_source", "reward_mean", "group_id_count_distinct"))
+    out = {}
+    for source, mean, groups in zip(*columns):
+        if source:
+            out[f"reward_mean/{source}"], out[f"groups/{source}"] = float(mean), float(groups)
+    return out
+
+
 def response_logprobs(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor, resp_index: torch.Tensor,
                       resp_mask: torch.Tensor, temperature: float, chunk_tokens: int, fp32_head: bool = True):
     """Log-probs (with grad) and entropies (no grad) of the response tokens under head(hidden) / temperature.

@@ -10,7 +10,7 @@ from learner.objectives import ObjectiveConfig
 
 class LoraConfig(BaseModel):
     """Low-rank adapters (PEFT's LoRA) on the policy: the base weights stay frozen and the optimizer holds the
-    adapters only. Generators still receive merged full weights (W + B A * alpha / rank) under the base names."""
+    adapters only. Generators receive the adapter alone (vLLM serves it on the base model) or merged full weights."""
     model_config = ConfigDict(extra="forbid")
 
     rank: int = Field(16, gt=0)
@@ -23,6 +23,14 @@ class LoraConfig(BaseModel):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1)
     """Module names (suffixes) that get adapters, as PEFT reads them; "all-linear" = every linear but the head."""
+    sync: Literal["auto", "adapter", "merged"] = "auto"
+    """What each published version sends generators: adapter (the adapter's tensors only, served by vLLM's LoRA
+    support; weights.transport object_store or disk, actors.weight_update_mode between_batches), merged (full
+    weights W + B A * alpha / rank under the base names; every transport), or auto: adapter where the transport and
+    engine mode allow it, else merged (resolved when the config is checked)."""
+    merge_final: bool = False
+    """Also write the merged full model (safetensors that transformers and vLLM load) to final/; the adapter in PEFT
+    format (final/adapter/) is always written. `python -m launch.train --merge` sets it."""
 
 
 class LearnerConfig(BaseModel):

@@ -6,8 +6,6 @@ groups; metrics are averaged over ranks.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,13 +21,11 @@ from learner.objectives import (LossInputs, compute_loss, needs_proximal, needs_
                                 step_context)
 from learner.objectives.config import READS
 from learner.objectives.registry import resolve
+from learner.pretrained import write_pretrained
 from learner.safe_state import SafetensorsCheckpointEngine
 
 if TYPE_CHECKING:  # pyarrow only for the type: the learner benchmark runs on torch, transformers and DeepSpeed alone
     import pyarrow as pa
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "generation_config.json", "chat_template.jinja")
 
 
 def zero_config(cfg: LearnerConfig) -> dict:
@@ -304,7 +300,7 @@ class Learner:
                 return None
             # copies: gathered ZeRO-3 storage is freed on exit, and ZeRO 0-2 storage changes at the next step
             copy = copy or zero3
-            if self.cfg.lora is not None:  # merged W + B A * scale under the base names, until adapter-only sync
+            if self.cfg.lora is not None:  # merged W + B A * scale under the base names (lora.sync merged)
                 state = lora.merged_state(module, copy)
             else:
                 state = {name: p.detach().to("cpu", copy=copy)
@@ -345,36 +341,28 @@ class Learner:
         or, through `defer` (`LearnerRank._defer`), on another thread that the next optimizer update waits for
         (`hold_weights`)."""
         t0 = time.perf_counter()
+        if lora.sends_adapter(self.cfg.lora, transport):  # the adapter alone, PEFT's names and config (copies)
+            adapter = self.adapter_state()
+            handle = None if adapter is None else transport.publish_adapter(
+                self.step, lora.peft_saved(adapter), lora.peft_config(self.engine.module), defer=defer)
+            return handle, time.perf_counter() - t0
         state = self.full_state(copy=False)
         if state is None:
             return None, 0.0
         handle = transport.publish(self.step, state, defer=defer)
         return handle, time.perf_counter() - t0
 
-    def save_pretrained(self, out_dir: str) -> str | None:
-        """Hugging Face format (safetensors) that transformers and vLLM both load; written then renamed.
-        With LoRA: the merged weights there, and the adapter in PEFT's format under `adapter/`."""
-        adapter = self.adapter_state() if self.cfg.lora is not None else None
-        state = self.full_state()
-        if state is None:
+    def save_pretrained(self, out_dir: str, merge: bool | None = None) -> str | None:
+        """Hugging Face format (safetensors) that transformers and vLLM both load; written then renamed. With LoRA:
+        the adapter in PEFT's format under `adapter/`, and the merged full weights at the top if `merge` (None: as
+        a resumed run's generators load them: unless lora.sync is adapter). Every rank must call."""
+        L = self.cfg.lora
+        adapter = self.adapter_state() if L is not None else None
+        merge = L is None or (L.sync != "adapter" if merge is None else merge)
+        state = self.full_state() if merge else None  # a collective under ZeRO-3: every rank or none
+        if self.rank != 0:
             return None
-        out = Path(out_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        module = self.engine.module
-        base = module.get_base_model() if self.cfg.lora is not None else module
-        state = {k: v for k, v in state.items() if k != "lm_head.weight" or not base.config.tie_word_embeddings}
-        base.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        if adapter is not None:  # adapter_config.json + adapter_model.safetensors; PeftModel.from_pretrained reads them
-            module.save_pretrained(tmp / "adapter", state_dict=adapter, safe_serialization=True)
-        for name in TOKENIZER_FILES:
-            src = Path(self.model_path) / name
-            if src.exists():
-                shutil.copy(src, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return str(out)
+        return write_pretrained(out_dir, self.engine.module, state, adapter, self.model_path)
 
     # ---- resumable state -----------------------------------------------------------------------
     def save_checkpoint(self, directory: str) -> None:

@@ -1,13 +1,16 @@
-"""LoRA on the learner through PEFT: wrapping the policy, and the merged weights generators load.
+"""LoRA on the learner through PEFT: wrapping the policy, and what generators load of it.
 
-Why merged weights: until generators serve adapters themselves, every transport carries full weights under the
-base model's names (what vLLM's loaders expect). The merge is computed per targeted layer as PEFT's own
-`merge` does it (W + get_delta_weight, i.e. B A * alpha / rank) into new tensors, so the live model stays
-unmerged and training goes on; the frozen base weights are handed out as they are.
+Two ways a version reaches generators (`learner.lora.sync`). Adapter: only the adapter's tensors, under the names
+and with the adapter_config.json PEFT saves (`peft_saved`, `peft_config`), which vLLM's LoRA support reads: KBs to
+MBs per version instead of the whole model. Merged: full weights under the base model's names, which every transport
+carries (shared-memory slots and vLLM's weight-transfer pushes know only the model's own parameters). The merge is
+computed per targeted layer as PEFT's own `merge` does it (W + get_delta_weight, i.e. B A * alpha / rank) into new
+tensors, so the live model stays unmerged and training goes on; the frozen base weights are handed out as they are.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -66,3 +69,25 @@ def merged_state(model: PeftModel, copy: bool) -> dict[str, torch.Tensor]:
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's full names, copied to CPU (what `save_pretrained(state_dict=...)` reads)."""
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if is_adapter(name)}
+
+
+def sends_adapter(cfg: LoraConfig | None, transport: Any) -> bool:
+    """Whether a version goes to generators as the adapter alone: `sync: adapter`, or `auto` (what a launched run
+    resolves at config time; a learner used on its own) where the transport can carry one."""
+    if cfg is None:
+        return False
+    return cfg.sync == "adapter" or (cfg.sync == "auto" and getattr(transport, "carries_adapters", False))
+
+
+def peft_saved(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`adapter_state`'s tensors under the names PEFT saves (adapter_model.safetensors): the adapter's own name
+    dropped (`...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`), as vLLM and PeftModel read them."""
+    return {name.replace(f".{ADAPTER}.", "."): t for name, t in tensors.items()}
+
+
+def peft_config(model: PeftModel) -> dict:
+    """The adapter's adapter_config.json as a JSON-able dict (sets as sorted lists, enums as their values), with
+    target_modules as PEFT resolved them ("all-linear" becomes the module names)."""
+    config = model.peft_config[ADAPTER].to_dict()
+    config["inference_mode"] = True  # what save_pretrained writes: the generator only runs it
+    return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))

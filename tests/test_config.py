@@ -27,7 +27,8 @@ def test_every_shipped_config_loads(path, tmp_path, monkeypatch):
 
     data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
     monkeypatch.chdir(tmp_path)
-    for source in (data.get("train"), data.get("eval")):
+    sources = [(s.get("train"), s.get("eval")) for s in data.get("sources") or []]  # data.sources: a mixture
+    for source in (data.get("train"), data.get("eval"), *(path for pair in sources for path in pair)):
         if source and not source.startswith("synthetic:") and not Path(source).is_absolute():
             (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / source).touch()

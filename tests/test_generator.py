@@ -82,8 +82,10 @@ def test_behaviour_logprobs_match_transformers_and_follow_weight_updates(generat
 def test_skips_prompts_longer_than_the_context(generator):
     from actors.generator import Prompt
 
-    res = generator.generate([Prompt("long", "1+" * 40 + "1=", "41"), Prompt("ok", "1+1=", "2")])
+    res = generator.generate([Prompt("long", "1+" * 40 + "1=", "41", data_source="sums"),
+                              Prompt("ok", "1+1=", "2", data_source="arith")])
     assert res.skipped == {"prompt_too_long": 1} and res.groups == 1
+    assert res.skipped_by_source == {"sums": 1}  # data.sources' skipped_by_source/<source>
 
 
 def test_evaluation_hands_the_engine_the_prompt_ids_training_does(generator, monkeypatch):
@@ -100,10 +102,11 @@ def test_evaluation_hands_the_engine_the_prompt_ids_training_does(generator, mon
         return outs
 
     monkeypatch.setattr(generator.engine, "sample", recording)
-    prompts = [Prompt("a", "1+2=", "3"), Prompt("b", "4+0=", "4")]
+    prompts = [Prompt("a", "1+2=", "3", data_source="x"), Prompt("b", "4+0=", "4", data_source="y")]
     generator.generate(prompts)
-    generator.evaluate(prompts)
+    metrics = generator.evaluate(prompts)
     trained, evaluated = seen
+    assert metrics["eval/reward_mean"] == (metrics["eval/reward_mean/x"] + metrics["eval/reward_mean/y"]) / 2
     assert evaluated == trained == [generator.encode(p) for p in prompts]
     assert generator.engine.tokenizer(prompts[0].text)["input_ids"] != trained[0], "the tokenizer's defaults add nothing here"
 

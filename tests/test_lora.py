@@ -1,5 +1,6 @@
 """LoRA on the learner (issue 20, learner side): PEFT adapters on the DeepSpeed engine, merged weights for the
-generators, exact resume, and final/ in both formats. DeepSpeed under ZeRO 0, 2 and 3 on a micro model
+generators (learner.lora.sync merged; adapter sync: tests/test_lora_sync.py), exact resume, and final/ in both
+formats. DeepSpeed under ZeRO 0, 2 and 3 on a micro model
 (ZeRO-3 with every parameter partitioned, the frozen head included)."""
 from __future__ import annotations
 
@@ -168,7 +169,11 @@ def test_final_holds_merged_weights_and_the_peft_adapter(micro_model_dir, dist_e
     learner = lora_learner(micro_model_dir, zero_stage=stage, zero3_persistence_threshold=0 if stage == 3 else None)
     for _ in range(2):
         learner.train_step(ragged_batch())
-    out = learner.save_pretrained(str(tmp_path / "final"))
+    adapter_only = tmp_path / "adapter-only"  # final/ without --merge: the adapter (and the tokenizer) alone
+    learner.save_pretrained(str(adapter_only), merge=False)
+    assert (adapter_only / "adapter" / "adapter_model.safetensors").exists() and (adapter_only / "tokenizer.json").exists()
+    assert not list(adapter_only.glob("*.safetensors")) and not (adapter_only / "config.json").exists()
+    out = learner.save_pretrained(str(tmp_path / "final"), merge=True)  # --merge (learner.lora.merge_final)
     final = tmp_path / "final"
     assert out == str(final) and (final / "model.safetensors").exists()
     assert (final / "adapter" / "adapter_config.json").exists()

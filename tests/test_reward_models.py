@@ -170,7 +170,8 @@ def test_model_routes_defer_or_score_as_groups():
 
 
 def _problem(models: dict, reward="model:rm", n=4, evaluates=False):
-    return reward_model_problem({"actors.reward": reward}, RewardsConfig(models=models), n, evaluates)
+    return reward_model_problem({"actors.reward": reward}, RewardsConfig(models=models), n,
+                                {"data.eval": reward} if evaluates else None)
 
 
 def test_config_refusals_name_the_key(tmp_path, judge_dir):
@@ -199,6 +200,14 @@ def test_load_config_refuses_before_any_actor_starts(tmp_path, judge_dir):
     assert cfg.rewards.models["rm"].path == judge_dir and cfg.rewards.models["rm"].kind == "scalar"
     with pytest.raises(ConfigError, match="'actors.reward': model:rm names no entry"):
         load_config(None, parse_overrides(["--actors.reward", "model:rm"]))
+    with pytest.raises(ConfigError, match=r"'data.sources\[1\].reward': model:nope names no entry"):
+        load_config(None, parse_overrides(["--rewards.models", f"{{rm: {{path: {judge_dir}}}}}", "--data.sources",
+                                           "[{name: a, train: 'synthetic:arithmetic', reward: 'model:rm'}, "
+                                           "{name: b, train: 'synthetic:arithmetic', reward: 'model:nope'}]"]))
+    with pytest.raises(ConfigError, match=r"'data.sources\[0\].eval': greedy evaluation"):
+        load_config(None, parse_overrides(["--rewards.models", f"{{pm: {{kind: preference, path: {judge_dir}}}}}",
+                                           "--data.sources", "[{name: a, train: 'synthetic:arithmetic', "
+                                           "eval: 'synthetic:arithmetic', reward: 'model:pm'}]"]))
     with pytest.raises(ConfigError, match="unknown config key 'rewards.models.rm.paht'"):
         load_config(None, parse_overrides(["--actors.reward", "model:rm", "--rewards.models", "{rm: {paht: x}}"]))
 

@@ -2,7 +2,9 @@
 
 A transport has two sides. The learner side `publish`es a full state as a version and returns a small
 `WeightHandle` at once; the generator side `apply`s a handle to a `WeightReceiver` (the generator) at its next
-safe point. Pull transports (object store, disk, shared slots) leave the data where a generator fetches it; push
+safe point. A version may instead be a LoRA adapter (`publish_adapter`: PEFT's tensors and config, KBs to MBs);
+only transports that carry arbitrary named tensors (`carries_adapters`: object_store, disk) take one, and the
+receiver serves it through its engine's LoRA support. Pull transports (object store, disk, shared slots) leave the data where a generator fetches it; push
 transports (`pushes = True`: relay_cpu, nccl) apply the version in every generator inside `publish`, so they
 must be `connect`ed to the generators first and the fleet cannot change afterwards.
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -36,6 +38,7 @@ class WeightHandle:
     nbytes: int
     dtypes: dict[str, str] = field(default_factory=dict)  # names stored as a stand-in dtype (bf16 as int16)
     published_at: float = 0.0
+    adapter: dict | None = None  # the PEFT config (adapter_config.json) of a LoRA adapter version; None: full weights
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class WeightReceiver(Protocol):
     def load_weights(self, version: int, named_tensors: NamedTensors) -> None:
         """Copy a whole version into the engine (whole or nothing)."""
 
+    def load_adapter(self, version: int, named_tensors: NamedTensors, config: dict) -> None:
+        """Serve a LoRA adapter (PEFT names and config) on the base model as `version`; checked whole first."""
+
     def weight_layout(self) -> dict:
         """Where each served parameter sits in a shared-memory slot (`transport.shared_slots.vllm_layout`)."""
 
@@ -69,6 +75,7 @@ class WeightTransport(ABC):
     name: str  # the config name, `weights.transport`
     pushes: bool = False  # True: publish applies the version in every generator; needs connect() first
     crosses_nodes: bool = True  # False: the learner and every generator must share one host (/dev/shm)
+    carries_adapters: bool = False  # True: publish_adapter works (the version is any set of named tensors)
 
     @classmethod
     def from_options(cls, options: TransportOptions) -> WeightTransport:
@@ -79,6 +86,14 @@ class WeightTransport(ABC):
     def publish(self, version: int, state: dict[str, torch.Tensor], defer: Defer | None = None) -> WeightHandle:
         """Hand full weights to the transport and return at once. With `defer`, a transport that copies may
         leave the copy to it (the handle then carries the ObjectRef); without it, `state` is consumed here."""
+
+    def publish_adapter(self, version: int, tensors: dict[str, torch.Tensor], config: dict,
+                        defer: Defer | None = None) -> WeightHandle:
+        """Hand a LoRA adapter (PEFT's saved names, e.g. `...q_proj.lora_A.weight`, and its adapter_config.json
+        as a dict) to the transport as `version`; generators serve it on their base model."""
+        if not self.carries_adapters:
+            raise ValueError(f"weights.transport {self.name} carries full weights only, not LoRA adapters")
+        return replace(self.publish(version, tensors, defer=defer), adapter=config)
 
     def connect(self, peers: dict[str, Any], workers_per_generator: int = 1) -> None:
         """Push transports: join the generators ({generator_id: rollout actor or generator}) before publishing;
@@ -97,7 +112,10 @@ class WeightTransport(ABC):
 
     def apply(self, handle: WeightHandle, receiver: WeightReceiver, timeout_s: float) -> None:
         """Make `receiver` serve the version of `handle`: fetch the tensors and load them (whole or nothing)."""
-        receiver.load_weights(handle.version, self.fetch(handle, timeout_s))
+        if handle.adapter is not None:
+            receiver.load_adapter(handle.version, self.fetch(handle, timeout_s), handle.adapter)
+        else:
+            receiver.load_weights(handle.version, self.fetch(handle, timeout_s))
 
     def _handle(self, version: int, payload: Any, nbytes: int, dtypes: dict[str, str] | None = None) -> WeightHandle:
         return WeightHandle(version, self.name, payload, nbytes, dtypes or {}, time.time())

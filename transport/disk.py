@@ -16,6 +16,7 @@ from transport.base import Defer, NamedTensors, TransportOptions, WeightHandle, 
 
 class DiskTransport(WeightTransport):
     name = "disk"
+    carries_adapters = True
 
     def __init__(self, directory: str, keep: int = 2):
         self.dir, self.keep = Path(directory), keep

@@ -40,6 +40,7 @@ def from_numpy(arrays: dict[str, np.ndarray], dtypes: dict[str, str]) -> NamedTe
 
 class ObjectStoreTransport(WeightTransport):
     name = "object_store"
+    carries_adapters = True
 
     def publish(self, version: int, state: dict[str, torch.Tensor], defer: Defer | None = None) -> WeightHandle:
         nbytes = sum(t.nbytes for t in state.values())
