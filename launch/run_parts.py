@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 
 class RunParts:
+    judges = None  # the judge service actor (launch/judge_service.py) when rewards.models names judges
+
     def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str, data: RunData | None = None):
         self.cfg, self.run_dir, self.model_path = cfg, run_dir, model_path
         self._mismatch_warned: set[str] = set()

@@ -121,3 +121,15 @@ def test_online_ipo_with_a_preference_model(tmp_path, tiny_model_dir, judge_dir)
     assert summary["steps"] == 4 and summary["judges"]["rows_judged"] > 0
     assert all(r["reward_mean"] == pytest.approx(0.5, abs=1e-6) for r in train), [r["reward_mean"] for r in train]
     assert all(r["loss"] != 0.0 for r in train)
+
+
+def test_a_rule_and_a_reward_model_mixture(tmp_path, tiny_model_dir, judge_dir):
+    """data.sources naming a rule and a judge: rule rows scored inline, judged rows by the service, one ledger."""
+    summary, _, train = _train(tmp_path, tiny_model_dir, "--learner.total_steps", "4",
+                               "--rewards.models", f"{{rm: {{path: {judge_dir}, num_cpus: 0.5}}}}", "--data.sources",
+                               "[{name: math, train: 'synthetic:arithmetic', reward: arithmetic}, "
+                               "{name: open, train: 'synthetic:arithmetic', reward: 'model:rm'}]")
+    assert summary["steps"] == 4
+    judged, dispatched = summary["judges"]["rows_judged"], summary["ledger"]["groups_dispatched"] * 4
+    assert 0 < judged < dispatched, (judged, dispatched)  # some rows judged, the rule's rows not
+    assert all(summary["sources"][s]["groups_dispatched"] > 0 for s in ("math", "open")), summary["sources"]
