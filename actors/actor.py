@@ -22,9 +22,10 @@ class RolloutActor:
     def __init__(self, cfg: ActorConfig, model_path: str, generator_id: str, max_model_len: int,
                  buffer, transport: WeightTransport | None, fetch_timeout_s: float, version: int = 0,
                  weight_transfer_backend: str | None = None, adapter_rank: int | None = None,
-                 initial_adapter: str | None = None):
+                 initial_adapter: str | None = None, judges=None, local_judges: dict | None = None):
         """`adapter_rank`: versions arrive as LoRA adapters of up to that rank (learner.lora.sync adapter), served on
-        the base model `model_path`; `initial_adapter`: the PEFT directory of `version` (a resumed run's checkpoint)."""
+        the base model `model_path`; `initial_adapter`: the PEFT directory of `version` (a resumed run's checkpoint).
+        `judges`: the judge service that scores model:<name> rewards (`local_judges`: judges loaded here instead)."""
         # Python/NumPy/torch draws here (user reward code, tie-breaking) follow the run's seed, distinct per actor
         # like the engine's own sampling seed (actors/engines.py)
         seed_everything(actor_seed(cfg, generator_id))
@@ -34,6 +35,8 @@ class RolloutActor:
         if initial_adapter is not None:
             self.gen.load_adapter_dir(version, initial_adapter)
         self.buffer, self.transport, self.fetch_timeout_s = buffer, transport, fetch_timeout_s
+        self.judges = judges
+        attach_judges(self.gen, judges, local_judges, fetch_timeout_s)
         self._sync_lock = threading.Lock()  # in_flight: generate's sync and offer_weights run on two threads
         if transport is not None:
             transport.attach(self.gen)
@@ -61,8 +64,11 @@ class RolloutActor:
         load_s = self.sync(handle)
         result = self.gen.generate(prompts)
         result.load_s += load_s  # plus, in_flight, the time generation stood paused for swaps during the request
-        result.put = self.buffer.put.remote(result.batch, None, request_id, result.skipped)
-        result.batch = None  # the rows went to the buffer; only the summary returns to the launcher
+        if result.judge_work:  # the judge service scores these groups, then puts the batch: its answer is the ack
+            result.put = self.judges.submit.remote(result.batch, result.judge_work, request_id, result.skipped)
+        else:
+            result.put = self.buffer.put.remote(result.batch, None, request_id, result.skipped)
+        result.batch, result.judge_work = None, []  # the rows went on; only the summary returns to the launcher
         return result
 
     def evaluate(self, prompts: list[Prompt], handle: WeightHandle | None) -> dict[str, float]:
@@ -92,6 +98,20 @@ class RolloutActor:
     def node_id(self) -> str:
         """The Ray node this actor runs on."""
         return ray.get_runtime_context().get_node_id()
+
+
+def attach_judges(gen: Generator, service, local: dict | None, timeout_s: float) -> None:
+    """How `model:<name>` rewards are scored in this actor: handed to the judge `service` unscored (generation goes on
+    at once) and, for evaluation, scored there while this actor waits; or, with `local` judges ({name: (config,
+    path)}, loaded here), inline in this actor (benchmarks.reward_offload's baseline)."""
+    if local:
+        from actors.judge import Judge
+
+        held = {name: Judge(cfg, name, path) for name, (cfg, path) in local.items()}
+        gen.rewards.judge = lambda name, groups: held[name].score_groups(groups)
+    elif service is not None:
+        gen.defer_judges = True
+        gen.rewards.judge = lambda name, groups: ray.get(service.score.remote(name, groups), timeout=timeout_s)
 
 
 def rollout_bundles(cfg: ActorConfig) -> list[dict]:

@@ -29,6 +29,7 @@ import pyarrow as pa
 from actors.adapters import AdapterSlot, read_dir
 from actors.config import ActorConfig
 from actors.engines import Engine, Output, SyncEngine
+from actors.judge import JudgeWork
 from actors.prompts import Prompt, PromptFormat, render_all
 from actors.rewards import Rewards
 from buffer.schema import Rollout, rollouts_to_arrow
@@ -49,10 +50,13 @@ class GenerationResult:
     put: Any = None  # ObjectRef of the buffer's put of `batch` (groups stored, -1 for a refused duplicate)
     reward_faults: dict[str, int] = field(default_factory=dict)  # samples scored 0 because the reward failed, by reason
     samples: list[dict] = field(default_factory=list)  # a few decoded rows (prompt as the model saw it, response, ...)
+    judge_work: list[JudgeWork] = field(default_factory=list)  # groups left to the judge service (reward 0 so far)
+    score_s: float = 0.0  # of gen_s, the time spent scoring here (rules, and judges when they are not deferred)
     skipped_by_source: dict[str, int] = field(default_factory=dict)  # data_source -> groups skipped
 
 
 class Generator:
+    defer_judges = False  # model:<name> rows go unscored to the judge service (the rollout actor sets it)
     _updating = False  # a weight load or push failed part-way: the weights may mix two versions
     _shared = False  # the parameters are views of a shared-memory slot (transport/shared_slots.py)
 
@@ -216,16 +220,36 @@ class Generator:
             else:
                 usable.append((p, out))
         # every sample of the request in one scoring pass: a batched reward sees them all at once
+        t_score = time.time()
         scores = iter(self.rewards.score([p for p, out in usable for _ in out.outputs],
-                                         [c.text for _, out in usable for c in out.outputs]))
-        groups = [self._group(p, out, [next(scores) for _ in out.outputs], t0) for p, out in usable]
+                                         [c.text for _, out in usable for c in out.outputs], self.defer_judges))
+        score_s = time.time() - t_score
+        scored = [[next(scores) for _ in out.outputs] for _, out in usable]
+        groups = [self._group(p, out, [s or (0.0, "") for s in group_scores], t0)
+                  for (p, out), group_scores in zip(usable, scored)]
         rows = [row for group in groups for row in group]
+        work = self._judge_work(usable, scored)
         batch = rollouts_to_arrow(rows) if rows else None
         tokens = sum(len(r.behaviour_logprobs) for r in rows)
         faults = Counter(r.reward_info for r in rows if r.reward_info)  # samples scored 0: the reward raised or was NaN
         return GenerationResult(batch, len(groups), tokens, self.version, time.time() - t0,
                                 self.engine.loading_s() - loading0, dict(skipped), reward_faults=dict(faults),
-                                samples=self._samples(usable, groups), skipped_by_source=dict(by_source))
+                                samples=self._samples(usable, groups, scored), judge_work=work, score_s=score_s,
+                                skipped_by_source=dict(by_source))
+
+    def _judge_work(self, usable: list[tuple[Prompt, Output]], scored: list[list]) -> list[JudgeWork]:
+        """The groups whose rewards were deferred (None), by judge, with their rows' places in the batch: rows are
+        laid out group after group, in the order of `usable`."""
+        work: dict[str, JudgeWork] = {}
+        start = 0
+        for (p, out), group_scores in zip(usable, scored):
+            if group_scores[0] is None:  # one prompt, one route: the whole group is deferred or none of it
+                w = work.setdefault(self.rewards.route(p.data_source).name, JudgeWork(
+                    self.rewards.route(p.data_source).name, [], []))
+                w.rows.append(list(range(start, start + len(out.outputs))))
+                w.groups.append((p.chat(), [c.text for c in out.outputs]))
+            start += len(out.outputs)
+        return list(work.values())
 
     def _group(self, prompt: Prompt, out: Output, scores: list[tuple[float, str]], t_start: float) -> list[Rollout]:
         """One prompt's n samples as Rollouts. With per-token versions (in-flight), a row's policy_version is its
@@ -258,14 +282,15 @@ class Generator:
             )
         return rows
 
-    def _samples(self, usable: list[tuple[Prompt, Output]], groups: list[list[Rollout]]) -> list[dict]:
+    def _samples(self, usable: list[tuple[Prompt, Output]], groups: list[list[Rollout]], scored: list[list]) -> list[dict]:
         """The first row of the first few groups, decoded for people: the prompt as the model saw it (template
-        and special tokens included), the response, its reward, the reference answer."""
+        and special tokens included), the response, its reward (None: the judge service scores it later), the
+        reference answer."""
         out = []
-        for (p, o), group in list(zip(usable, groups))[:SAMPLES_PER_REQUEST]:
+        for (p, o), group, group_scores in list(zip(usable, groups, scored))[:SAMPLES_PER_REQUEST]:
             row = group[0]
             out.append({"prompt": self.engine.tokenizer.decode(list(o.prompt_token_ids), skip_special_tokens=False),
-                        "response": row.response_text, "reward": row.reward, "answer": p.answer,
+                        "response": row.response_text, "reward": None if group_scores[0] is None else row.reward, "answer": p.answer,
                         "source": p.data_source, "policy_version": row.policy_version, "prompt_id": p.id})
         return out
 

@@ -15,6 +15,10 @@ that is none of these fails when the spec is resolved (the launcher does that be
 
 User code is loaded only from the file the config names (`path/to/file.py:fn`), never from an import path chosen
 at run time. `actors.reward` may be one spec or a mapping data_source -> spec with an optional `default`.
+
+`model:<name>` names a learned judge of `rewards.models` (actors/judge.py). Its rows are scored as whole groups (a
+preference model ranks a group's samples against each other), either here through `Rewards.judge` (evaluation, or
+an actor that holds its judges) or, `defer=True`, left to the judge service (actors/judge_pool.py).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from actors.prompts import Prompt
+from actors.reward_config import model_name
 
 RewardFn = Callable[..., Any]
 DEFAULT_ROUTE = "default"  # the key of a reward mapping that scores every source without its own entry
@@ -146,8 +151,24 @@ def _load_user_fn(spec: str) -> RewardFn:
     return fn
 
 
-def resolve_reward(spec: str) -> Reward:
-    """A builtin name, or `file.py:function` naming user code by its path."""
+@dataclass(frozen=True)
+class JudgeRoute:
+    """A reward spec naming a learned judge: `model:<name>`."""
+
+    spec: str
+    name: str
+
+
+# judge name, groups of (chat, responses) -> rewards per group (actors/judge.py's Judge.score_groups, or the service)
+JudgeFn = Callable[[str, list[tuple[list[dict], list[str]]]], list[list[tuple[float, str]]]]
+
+
+def resolve_reward(spec: str) -> Reward | JudgeRoute:
+    """A builtin name, `file.py:function` naming user code by its path, or `model:<name>` naming a judge."""
+    if (name := model_name(spec)) is not None:
+        if not name:
+            raise ValueError(f"reward {spec!r}: name a model of rewards.models after 'model:'")
+        return JudgeRoute(spec, name)
     fn = BUILTIN[spec] if spec in BUILTIN else _load_user_fn(spec)
     batched, names = calling_convention(fn, spec)
     return Reward(spec, fn, batched, names)
@@ -156,23 +177,25 @@ def resolve_reward(spec: str) -> Reward:
 class Rewards:
     """The run's rewards: one for every row, or one per data_source (a mapping, `default` for the others)."""
 
-    def __init__(self, spec: str | dict[str, str]):
+    def __init__(self, spec: str | dict[str, str], judge: JudgeFn | None = None):
         specs = {DEFAULT_ROUTE: spec} if isinstance(spec, str) else dict(spec)
         if not specs:
             raise ValueError("actors.reward: an empty mapping (give a spec, or data_source: spec entries)")
         self.routes = {source: resolve_reward(s) for source, s in specs.items()}
+        self.judge = judge  # scores model:<name> rows when they are not deferred to the judge service
 
-    def route(self, data_source: str) -> Reward | None:
+    def route(self, data_source: str) -> Reward | JudgeRoute | None:
         return self.routes.get(data_source) or self.routes.get(DEFAULT_ROUTE)
 
     def unrouted(self, sources) -> list[str]:
         """The sources no reward scores (the launcher refuses data with any before an actor starts)."""
         return sorted(s for s in set(sources) if self.route(s) is None)
 
-    def score(self, prompts: list[Prompt], responses: list[str]) -> list[tuple[float, str]]:
+    def score(self, prompts: list[Prompt], responses: list[str], defer: bool = False) -> list[tuple[float, str] | None]:
         """(reward, "" or why it is 0) per sample: each source's rows in one call of its reward. A reward that
-        raises, returns the wrong number of scores or a non-finite value scores 0 with the reason recorded."""
-        out: list[tuple[float, str]] = [(0.0, "")] * len(responses)
+        raises, returns the wrong number of scores or a non-finite value scores 0 with the reason recorded.
+        Rows a judge scores are None with `defer` (the judge service scores them), else scored through `judge`."""
+        out: list[tuple[float, str] | None] = [(0.0, "")] * len(responses)
         by_source: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
             by_source.setdefault(p.data_source, []).append(i)
@@ -182,9 +205,31 @@ class Rewards:
                 for i in rows:
                     out[i] = (0.0, f"reward_unrouted:{source}")
                 continue
+            if isinstance(reward, JudgeRoute):
+                for i, scored in zip(rows, [None] * len(rows) if defer else self._judged(reward, prompts, responses, rows)):
+                    out[i] = scored
+                continue
             for i, scored in zip(rows, _safe(reward, [prompts[i] for i in rows], [responses[i] for i in rows])):
                 out[i] = scored
         return out
+
+
+    def _judged(self, route: JudgeRoute, prompts: list[Prompt], responses: list[str],
+                rows: list[int]) -> list[tuple[float, str]]:
+        """The rows' judge scores, now. Consecutive rows of one Prompt are one group (a request's n samples)."""
+        if self.judge is None:
+            raise RuntimeError(f"reward {route.spec!r}: this generator holds no judge service to score with")
+        groups: list[list[int]] = []
+        for i in rows:
+            if groups and prompts[groups[-1][-1]] is prompts[i]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        try:
+            scored = self.judge(route.name, [(prompts[g[0]].chat(), [responses[i] for i in g]) for g in groups])
+        except Exception as exc:  # the judges failed as a whole (rows that fail alone are scored 0 by the judge)
+            return [(0.0, f"reward_error:{type(exc).__name__}")] * len(rows)
+        return [s for group in scored for s in group]
 
 
 def _safe(reward: Reward, prompts: list[Prompt], responses: list[str]) -> list[tuple[float, str]]:

@@ -29,6 +29,7 @@ SUITE = (
     ("benchmarks.lora_sync", ("lora_sync_bytes_vs_full", "lora_sync_time_vs_full", "lora_learner_memory_vs_full")),
     ("benchmarks.async_sync", ("async_vs_sync", "sync_overhead")),
     ("benchmarks.trl_e2e", ("e2e_vs_trl_grpo",)),
+    ("benchmarks.reward_offload", ("reward_offload",)),
 )
 UNITS = {"buffer_vs_ray_queue": ("groups/s", 5.0), "rollout_vs_bare_vllm": ("tokens/s", 0.9),
          "rollout_scaling": ("tokens/s", None), "weight_sync_vs_memcpy": ("bytes/s", 0.5),
@@ -36,7 +37,8 @@ UNITS = {"buffer_vs_ray_queue": ("groups/s", 5.0), "rollout_vs_bare_vllm": ("tok
          "learner_memory_vs_full_logits": ("GiB peak", 0.25), "learner_speed_vs_full_logits": ("tokens/s", 0.9),
          "lora_sync_bytes_vs_full": ("bytes/sync", 0.1), "lora_sync_time_vs_full": ("s/sync", 0.5),
          "lora_learner_memory_vs_full": ("GiB peak", 0.6),
-         "async_vs_sync": ("learner steps/min", 1.3), "sync_overhead": ("s/step", 1.25), "e2e_vs_trl_grpo": ("samples/s", 2.0)}
+         "async_vs_sync": ("learner steps/min", 1.3), "sync_overhead": ("s/step", 1.25), "e2e_vs_trl_grpo": ("samples/s", 2.0),
+         "reward_offload": ("samples/s", 1.0)}
 
 
 def run_suite(quick: bool, only: set[str] | None) -> tuple[list[dict], bool]:

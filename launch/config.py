@@ -15,11 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.config import ActorConfig
-from actors.rewards import Rewards
+from actors.reward_config import RewardsConfig
 from buffer.config import BufferConfig
 from learner.config import LearnerConfig
 from learner.objectives.config import READS
 from launch.lora_sync import resolve_lora_sync
+from launch.reward_check import check_rewards
 from launch.offline_config import OfflineSourceConfig, check_offline
 from launch.sources_config import SourceConfig, check_data, looks_local, with_source_rewards
 from transport.registry import TRANSPORTS, pushes
@@ -165,6 +166,8 @@ class RunConfig(BaseModel):
     buffer: BufferConfig = BufferConfig()
     learner: LearnerConfig = LearnerConfig()
     weights: WeightSyncConfig = WeightSyncConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    """Learned judges (reward and preference models) that a reward spec `model:<name>` scores with."""
     ray: RayConfig = RayConfig()
     tensorboard: bool = True
     """Write TensorBoard event files into the run directory."""
@@ -281,10 +284,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key {key!r}: the learner's log-probs are of the whole softmax at actors.temperature, "
                           "while vLLM records them under the truncated distribution it samples from, so every "
                           "importance ratio would be biased; sample with top_p 1.0 and top_k 0")
-    try:  # user code is loaded here, in the driver, so a wrong path or name fails before any actor starts
-        Rewards(A.reward)
-    except Exception as exc:  # a bad spec, or user code that fails while it is imported
-        raise ConfigError(f"config key 'actors.reward': {type(exc).__name__}: {exc}") from None
+    if problem := check_rewards(cfg):  # reward specs (user code loads here, in the driver) and their judges
+        raise ConfigError(problem)
     _check_engine(cfg)  # resolves model.max_model_len
     D = cfg.data
     if D.max_prompt_len is not None and D.max_prompt_len + A.max_tokens > cfg.model.max_model_len:

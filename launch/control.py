@@ -1,13 +1,13 @@
 """`<run dir>/control.json`: how an operator steers a running job (written by `python -m launch.scale`).
 
-`{"rollout_actors": N}` resizes the rollout fleet, `{"stop": true}` asks for a checkpoint and a clean stop.
+`{"rollout_actors": N}` resizes the rollout fleet, `{"reward_actors": {"rm": N}}` a judge pool, `{"stop": true}` asks for a checkpoint and a clean stop.
 The launcher polls the file's mtime once per loop turn; a stale file from an earlier process is removed at
 start, so it cannot resize a fresh run.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CONTROL = "control.json"
@@ -17,6 +17,7 @@ CONTROL = "control.json"
 class Control:
     rollout_actors: int | None  # None: not asked to change
     stop: bool
+    reward_actors: dict[str, int] = field(default_factory=dict)  # judge model -> pool size asked for
 
 
 class ControlFile:
@@ -37,6 +38,7 @@ class ControlFile:
         try:
             control = json.loads(self.path.read_text())
             n = control.get("rollout_actors")
-            return Control(int(n) if n is not None and int(n) >= 1 else None, bool(control.get("stop")))
+            judges = {str(k): int(v) for k, v in (control.get("reward_actors") or {}).items() if int(v) >= 1}
+            return Control(int(n) if n is not None and int(n) >= 1 else None, bool(control.get("stop")), judges)
         except (ValueError, TypeError, AttributeError):
             return None  # a malformed file: launch.scale writes atomically, so this is someone else's

@@ -137,7 +137,8 @@ class Launcher:
         req, result = call.data
         try:
             stored = ray.get(ref)
-        except ray.exceptions.RayError:  # the actor that made the put died and took its answer with it
+        except ray.exceptions.RayError as exc:  # the actor that made the put died and took its answer with it
+            self.parts.judge_failure(exc)  # or the judge service gave up on a judge: that stops the run
             return self._ask_recorded(req, result)
         self._close(req, result if stored >= 0 else None)  # < 0: a copy of this request was already stored
         self.releases += 0 <= stored < result.groups  # the buffer gave slots back (stale, filtered): admit again now

@@ -18,6 +18,7 @@ from launch.control import ControlFile
 from launch.mixture import make_stream, source_summary
 from launch.run_data import RunData, prepare_prompts
 from launch.fleet import RolloutFleet
+from launch.judge_service import close_judges, judge_failure, judge_summary, scale_judges, start_judges
 from launch.ledger import ledger, summarize
 from launch.metrics import MetricsLog, read_history
 from learner.actor import make_learner_ranks
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 
 class RunParts:
+    judges = None  # the judge service actor (launch/judge_service.py) when rewards.models names judges
+
     def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str, data: RunData | None = None):
         self.cfg, self.run_dir, self.model_path = cfg, run_dir, model_path
         self._mismatch_warned: set[str] = set()
@@ -47,6 +50,9 @@ class RunParts:
         self.buffer = make_buffer_actor(cfg.buffer, cfg.learner.groups_per_step, str(run_dir),
                                         offline_per_step=offline_per_step)
         self._load_offline(offline_per_step)
+        self.judges, self._judges_ready = start_judges(cfg, self.buffer, run_dir)  # rewards.models' pools
+        self._judge_sizes: dict[str, int] = {}
+        self._judge_stats: dict = {}  # the service's counters, read when the run closes
         # a purely offline run (data.offline_fraction 1.0) starts no rollout actor, hence no vLLM engine
         self.rollout_actors = 0 if offline_per_step == cfg.learner.groups_per_step else cfg.actors.num_actors
         self.ranks = make_learner_ranks(cfg.learner, model_path=model_path, group_size=cfg.actors.n,
@@ -87,7 +93,10 @@ class RunParts:
             max_model_len=self.cfg.model.max_model_len, buffer=self.buffer, transport=self.transport,
             fetch_timeout_s=self.cfg.weights.timeout_s, version=version, weight_transfer_backend=self.push_backend,
             adapter_rank=L.lora.rank if adapter else None,
-            initial_adapter=str(Path(weights) / "adapter") if resumed else None)
+            initial_adapter=str(Path(weights) / "adapter") if resumed else None, judges=self.judges)
+
+    def judge_failure(self, error: BaseException) -> None:
+        judge_failure(error, self.judges)  # raises if the judges cannot score any more
 
     def fleet(self, make_actor: Callable[[str, object], object]) -> RolloutFleet:
         A = self.cfg.actors
@@ -110,6 +119,7 @@ class RunParts:
         elif n is not None and n != state.rollout_actors:
             state.rollout_actors = n
             self._fleet.scale_to(n)
+        scale_judges(self.judges, self.cfg, control.reward_actors, self._judge_sizes, self._fleet.events)
         return control.stop
 
     def await_learner(self, fleet: RolloutFleet) -> None:
@@ -120,6 +130,8 @@ class RunParts:
         except ray.exceptions.GetTimeoutError as exc:
             raise TimeoutError(f"the {len(self.ranks)} learner rank(s) did not start within ray.startup_timeout_s="
                                f"{R.startup_timeout_s}s (not enough CPUs/GPUs free for learner.num_cpus/num_gpus?)") from exc
+        if self._judges_ready is not None:  # judges that cannot load fail the run here, naming the actor
+            ray.get(self._judges_ready, timeout=R.startup_timeout_s + 10)
         if self.push_backend is not None:
             self._connect_push_transport(fleet)
 
@@ -270,13 +282,22 @@ class RunParts:
         out["ledger"] = ledger(state.groups_dispatched, state.request_seq, state.reissued, unfinished, state.trained,
                                ray.get(self.buffer.ledger.remote(), timeout=timeout), buffer_stats,
                                self.cfg.buffer.max_reuse)
-        out.update(reward_faults=dict(state.reward_faults), resumed_from_step=start_step, stopped_at_request=stopped)
+        judges = dict(self._judge_stats)  # the service's faults join the actors' own
+        faults = state.reward_faults + Counter(judges.pop("reward_faults", {}))
+        out.update(reward_faults=dict(faults), resumed_from_step=start_step, stopped_at_request=stopped)
+        if judges:
+            out["judges"] = judges
         if self.data.sources:
             out["sources"] = source_summary(self.data.sources, history, state.dispatched_by_source,
                                             state.skipped_by_source)
         return out
 
     def close(self) -> None:
+        try:  # the run is over (the summary is written after this): keep the service's counters, then stop it
+            self._judge_stats = judge_summary(self.judges, self.cfg.ray.rpc_timeout_s)
+        except (ray.exceptions.RayError, TimeoutError) as exc:  # a dead service: the run's own error says why
+            self._judge_stats = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        close_judges(self.judges)
         if self.transport is not None:
             self.transport.close()  # e.g. the shared-memory slots in /dev/shm
 

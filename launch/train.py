@@ -30,6 +30,10 @@ def placement(cfg: RunConfig) -> list[dict]:
                  # a tensor-parallel actor reserves a placement group of one whole GPU per worker, on one node
                  "num_gpus": gpus_per_actor(cfg), "resources": A.resources})
     rows.append({"actor": "learner_rank", "count": L.num_ranks, "num_cpus": L.num_cpus, "num_gpus": L.num_gpus, "resources": L.resources})
+    if cfg.rewards.models:  # the service itself reserves nothing; each judge what its model asks for
+        rows.append({"actor": "judge_service", "count": 1, "num_cpus": 0, "num_gpus": 0})
+    rows += [{"actor": f"judge:{name}", "count": m.num_actors, "num_cpus": m.num_cpus, "num_gpus": m.num_gpus,
+              "resources": m.resources} for name, m in cfg.rewards.models.items()]
     return rows
 
 
@@ -44,6 +48,8 @@ def resource_requests(cfg: RunConfig) -> dict[str, dict[str, float]]:
     gpus = "tensor_parallel_size" if A.tensor_parallel_size > 1 else "num_gpus"
     out = {f"actors.num_cpus/{gpus}/resources": {"CPU": A.num_cpus, "GPU": gpus_per_actor(cfg), **A.resources},
            "learner.num_cpus/num_gpus/resources": {"CPU": L.num_cpus, "GPU": L.num_gpus, **L.resources}}
+    for name, m in cfg.rewards.models.items():
+        out[f"rewards.models.{name}.num_cpus/num_gpus/resources"] = {"CPU": m.num_cpus, "GPU": m.num_gpus, **m.resources}
     if cfg.data.offline_fraction == 1.0:  # no rollout actor starts
         del out[f"actors.num_cpus/{gpus}/resources"]
     if L.placement_strategy == "STRICT_PACK":  # every rank on one node
