@@ -20,9 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from examples.policy_eval import score
-from examples.policy_eval import reference_dir
-from examples.runs import last_half, smooth, train
+import yaml
+
+from examples.policy_eval import reference_dir, score
+from examples.runs import smooth, train
+from launch.config import RunConfig
 
 
 def write_expert(path: Path, max_operand: int, group: int, seed: int = 0) -> Path:
@@ -39,8 +41,10 @@ def write_expert(path: Path, max_operand: int, group: int, seed: int = 0) -> Pat
     return path
 
 
-def online_curve(run_dir: Path, source: str = "arithmetic") -> list[float]:
-    """Mean reward of the online rollouts of each policy version, in version order (from the rollout log)."""
+def online_curve(run_dir: Path, source: str = "arithmetic") -> tuple[list[int], list[float]]:
+    """(policy versions, mean reward of the online rollouts each generated), in version order, from the rollout
+    log. Not every version generates: a request spans more than one learner step when fewer online groups are
+    trained per step, so the curve is indexed by the version itself."""
     from buffer.rollout_log import read_log
 
     table = read_log(str(run_dir / "rollouts"))
@@ -49,19 +53,27 @@ def online_curve(run_dir: Path, source: str = "arithmetic") -> list[float]:
                        table.column("data_source").to_pylist()):
         if s == source:
             by_version.setdefault(v, []).append(r)
-    return [sum(rs) / len(rs) for _, rs in sorted(by_version.items())]
+    versions = sorted(by_version)
+    return versions, [sum(by_version[v]) / len(by_version[v]) for v in versions]
 
 
-def plot(curves: dict[str, list[float]], path: Path) -> None:
+def halves(versions: list[int], values: list[float], steps: int) -> tuple[float, float]:
+    """Mean of the per-version rewards over the first and over the second half of the run's versions."""
+    first = [y for v, y in zip(versions, values) if v < steps // 2]
+    last = [y for v, y in zip(versions, values) if v >= steps // 2]
+    return sum(first) / max(len(first), 1), sum(last) / max(len(last), 1)
+
+
+def plot(curves: dict[str, tuple[list[int], list[float]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for label, ys in curves.items():
-        ax.plot(range(len(ys)), smooth(ys), label=label)
-    ax.set_title("Online samples' reward: 25% offline correct answers vs online only")
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, smooth(ys), label=label)
+    ax.set_title("Reward of the online samples")
     ax.set_xlabel("policy version that generated them")
     ax.set_ylabel("reward (rolling mean)")
     ax.grid(alpha=0.3)
@@ -95,17 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     curves, lines = {}, ["| run | online reward, first half | online reward, last half | final policy reward "
                          "| final KL(pi, ref) |", "|---|---|---|---|---|"]
     for label, run in runs.items():
-        import yaml
-
-        from launch.config import RunConfig
-
         cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
         final = score(run / "final", reference_dir(cfg), cfg, n=args.samples)
-        curves[label] = ys = online_curve(run)
-        first = sum(ys[:len(ys) // 2]) / max(len(ys) // 2, 1)
-        lines.append(f"| {label} ({args.objective} beta={args.beta:g}) | {first:.3f} | {last_half(ys):.3f} | "
+        curves[label] = online_curve(run)
+        first, last = halves(*curves[label], args.steps)
+        lines.append(f"| {label} ({args.objective} beta={args.beta:g}) | {first:.3f} | {last:.3f} | "
                      f"{final.reward:.3f} | {final.kl:.3f} |")
-        print(f"{label:>14}: online last-half reward {last_half(ys):.3f}, final policy {final.reward:.3f} "
+        print(f"{label:>14}: online last-half reward {last:.3f}, final policy {final.reward:.3f} "
               f"(KL {final.kl:.3f})", flush=True)
     text = "\n".join(lines)
     (out / "mixed_offline.md").write_text(text + "\n")
