@@ -58,6 +58,16 @@ def offline_run(out: Path, parquet: Path, name: str, beta: float, steps: int, ev
         "--learner.objective.beta", str(beta), "--data.offline_fraction", "1.0", "--data.offline", source], extra)
 
 
+def scored(run: Path, samples: int, support: dict[str, set[str]]) -> list[tuple[int, Score]]:
+    """score_run, kept in the run's directory: a rerun of the example redraws without sampling again."""
+    cache = run / f"policy_scores-n{samples}.json"
+    if cache.exists():
+        return [(p.pop("step"), Score(**p)) for p in json.loads(cache.read_text())]
+    points = score_run(run, n=samples, support=support)
+    cache.write_text(json.dumps([{"step": s, **vars(sc)} for s, sc in points]))
+    return points
+
+
 def fixed_point(parquet: Path, beta: float) -> tuple[float, float]:
     """Reward and KL(pi* || ref) of pi* = ref exp(r / beta) / Z, per prompt from its reference success rate."""
     import pyarrow.parquet as pq
@@ -89,33 +99,40 @@ def table(curves: dict[tuple[str, float], list[tuple[int, Score]]], optimum: dic
     return "\n".join(lines)
 
 
-def plot(curves: dict[tuple[str, float], list[tuple[int, Score]]], path: Path) -> None:
+def plot(curves: dict[tuple[str, float], list[tuple[int, Score]]], optimum: dict[float, tuple[float, float]],
+         path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for i, ((name, beta), points) in enumerate(curves.items()):
+    fig, axes = plt.subplots(1, 4, figsize=(19, 3.8))
+    betas = sorted({b for _, b in curves})
+    for (name, beta), points in curves.items():
         steps = [s for s, _ in points]
-        style = {"color": f"C{sorted({b for _, b in curves}).index(beta)}", "marker": "o", "markersize": 3,
+        style = {"color": f"C{betas.index(beta)}", "marker": "o", "markersize": 3,
                  "linestyle": "-" if name == "agro" else "--", "label": f"{name} beta={beta:g}"}
         axes[0].plot(steps, [s.reward for _, s in points], **style)
         axes[1].plot(steps, [s.kl for _, s in points], **style)
-        axes[2].plot([s.kl for _, s in points], [s.reward for _, s in points], **style)
+        axes[2].plot(steps, [s.off_support for _, s in points], **style)
+        axes[3].plot([s.kl for _, s in points], [s.reward for _, s in points], **style)
+    for beta in betas:  # the fixed point pi* of E[r] - beta KL: its reward (dotted)
+        axes[0].axhline(optimum[beta][0], color=f"C{betas.index(beta)}", linestyle=":", linewidth=1,
+                        label=f"pi* reward, beta={beta:g}")
     for ax, (title, xl, yl) in zip(axes, [("Reward of the policy (sampled)", "learner step", "reward"),
                                           ("KL(pi || ref)", "learner step", "nats / sequence"),
+                                          ("Samples outside the offline data", "learner step", "share"),
                                           ("Reward against KL", "KL(pi || ref)", "reward")]):
         ax.set_title(title)
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
     axes[1].set_yscale("symlog", linthresh=0.1)
-    axes[2].set_xscale("symlog", linthresh=0.1)
-    axes[0].legend(fontsize=8)
+    axes[3].set_xscale("symlog", linthresh=0.1)
+    axes[0].legend(fontsize=7)
     fig.suptitle("Purely offline learning from reference rollouts (solid: agro, dashed: kl_pg)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.objectives:
             t0 = time.time()
             run = offline_run(out, parquet, name, beta, args.steps, args.every, extra)
-            curves[(name, beta)] = score_run(run, n=args.samples, support=support)
+            curves[(name, beta)] = scored(run, args.samples, support)
             last = curves[(name, beta)][-1][1]
             print(f"{name:>6} beta={beta:<5g} reward {last.reward:.3f}  KL {last.kl:.3f}  ({time.time() - t0:.0f} s)",
                   flush=True)
@@ -147,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "agro_offline.md").write_text(text + "\n")
     (out / "scores.json").write_text(json.dumps(
         {f"{n}|{b:g}": [{"step": s, **vars(sc)} for s, sc in pts] for (n, b), pts in curves.items()}, indent=1))
-    plot(curves, out / "agro_offline.png")
+    plot(curves, optimum, out / "agro_offline.png")
     print(text)
     print(f"plot: {out / 'agro_offline.png'}")
     return 0
