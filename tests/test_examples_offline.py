@@ -90,3 +90,27 @@ def test_mixed_offline_example_writes_table_and_plot(tmp_path, tiny_model_dir):
     rows = (out / "mixed_offline.md").read_text().splitlines()
     assert rows[0].startswith("| run |") and len(rows) == 4
     assert (out / "mixed_offline.png").stat().st_size > 0
+
+
+def test_staleness_kl_scores_final_policies_and_redraws(tmp_path, tiny_model_dir):
+    import shutil
+
+    import yaml
+
+    from examples import staleness_kl
+    from launch.config import load_config, parse_overrides
+
+    cfg = load_config(None, parse_overrides(["--model.path", tiny_model_dir, "--data.max_operand", "4"]))
+    out = tmp_path / "staleness"
+    for name in ("reinforce-s0", "agro-b0.1-s16"):  # two "runs" whose final policy is the reference itself
+        shutil.copytree(tiny_model_dir, out / name / "final")
+        (out / name / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert staleness_kl.main([str(out), "--samples", "1"]) == 0
+    written = json.loads((out / "staleness_kl.json").read_text())
+    assert set(written["runs"]) == {"reinforce|0", "agro:0.1|16"}
+    assert all(r["kl"] == pytest.approx(0.0, abs=1e-6) and r["checkpoints"] == [] for r in written["runs"].values())
+    table = (out / "staleness_kl.md").read_text()
+    assert "| agro:0.1 | 16 |" in table and "| reinforce | 0 |" in table
+    (out / "staleness_kl.png").unlink()
+    assert staleness_kl.main(["unused", "--out", str(out), "--redraw"]) == 0  # from the json, no sampling
+    assert (out / "staleness_kl.png").stat().st_size > 0
