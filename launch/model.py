@@ -63,7 +63,10 @@ def train_tokenizer(corpus: list[str], vocab_size: int, alphabet: str = "task") 
                                   initial_alphabet=_alphabet(alphabet), show_progress=False)
     tok.train_from_iterator(corpus, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
-    out = Qwen2Tokenizer(vocab=model["vocab"], merges=[" ".join(m) if isinstance(m, list) else m for m in model["merges"]],
+    # as (left, right) pairs: the BPE model Qwen2Tokenizer builds refuses "left right" strings (the arithmetic
+    # corpus alone, split into single digits and symbols, has no merges, so only a richer corpus meets this)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    out = Qwen2Tokenizer(vocab=model["vocab"], merges=merges,
                          unk_token=None, eos_token=EOS, pad_token=PAD)
     out.add_tokens([AddedToken(IM_START, special=True), AddedToken(IM_END, special=True)])
     out.add_tokens(ROLES)

@@ -40,3 +40,13 @@ def dist_env():
         port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+
+
+@pytest.fixture(scope="session")
+def tiny_judges(tmp_path_factory) -> dict[str, str]:
+    """The tiny scalar and preference judges of synthetic:arithmetic with operands up to 4 (launch/judges.py),
+    built once per session (seconds each): for the reward-model service's tests and the examples'."""
+    from launch.judges import KINDS, JudgeRecipe, build_tiny_judge
+
+    cache = tmp_path_factory.mktemp("judges")
+    return {kind: build_tiny_judge(kind, cache, JudgeRecipe(max_operand=4)) for kind in KINDS}
