@@ -147,7 +147,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     from launch.run_data import prepare_prompts
     from launch.loop import Launcher
     from launch.model import build_default_model
-    from launch.reward_check import build_missing_judges
+    from launch.judge_build import build_missing_judges
 
     seed_everything(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)

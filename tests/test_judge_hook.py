@@ -26,7 +26,7 @@ def test_an_unset_judge_path_needs_arithmetic_training_data(tmp_path):
 
 
 def test_the_judge_is_built_for_the_operands_it_scores():
-    from launch.reward_check import judge_max_operand
+    from launch.judge_build import judge_max_operand
 
     plain = load_config(None, parse_overrides([*RM, "--data.max_operand", "6"]))
     assert judge_max_operand(plain.data, "rm") == 6
@@ -42,7 +42,7 @@ def test_a_built_judge_is_checked_before_any_actor_starts(tmp_path, monkeypatch,
     """A broken build (here: a head with two outputs in its place) is refused naming the key; a good one fills in
     the path, and a judge with a path is left alone."""
     import launch.judges
-    from launch.reward_check import build_missing_judges
+    from launch.judge_build import build_missing_judges
     from tests.tiny_judge import build_judge
 
     cfg = load_config(None, parse_overrides([*RM, "--data.max_operand", "4", "--rewards.models.pm",
