@@ -66,3 +66,14 @@ def win_rate(judge_dir: str, policy_dir: str, start_dir: str, max_operand: int, 
     model = AutoModelForSequenceClassification.from_pretrained(judge_dir)
     p = preferences(model, AutoTokenizer.from_pretrained(judge_dir), rows)
     return sum(p) / len(p)
+
+
+def sampled_accuracy(policy_dir: str, max_operand: int, per_prompt: int = 8, seed: int = 0) -> float:
+    """True accuracy of `per_prompt` temperature-1 samples of the policy at `policy_dir` on every a+b= problem:
+    what a policy has learned also where its rollouts cannot show it (s = infinity samples the starting policy)."""
+    from actors.rewards import arithmetic_reward
+    from examples.tiny_judges import policy_samples
+
+    problems = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    samples = policy_samples(policy_dir, problems, per_prompt, seed)
+    return sum(arithmetic_reward(text, str(a + b)) for a, b, text in samples) / len(samples)

@@ -6,8 +6,9 @@ so the first run builds them (seconds to minutes on a loaded CPU) and the others
 Reported per run, first fifth of the steps against the last: the reward under the judge (for the preference model
 a win rate inside the group, 1/2 on average by construction, so the preference run reports its win rate against
 the starting policy under the judge instead), and the true accuracy of the rollouts (the rollout log's responses
-scored by the exact `arithmetic` rule). Writes <out>/judged_rl.png (reward and true accuracy per step) and
-<out>/judged_rl.md.
+scored by the exact `arithmetic` rule; at s = infinity they are all the starting policy's), and the true accuracy
+of 200 samples (8 per problem) of the starting and of the final policy. Writes <out>/judged_rl.png (reward and true
+accuracy per step) and <out>/judged_rl.md.
 
     python -m examples.judged_rl                 # 4 runs of 150 steps
     python -m examples.judged_rl --steps 60 --runs dpo-s1 ipo
@@ -21,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from examples.judged_eval import accuracy_by_version, first_last, train_rewards, true_accuracy, win_rate
+from examples.judged_eval import (accuracy_by_version, first_last, sampled_accuracy, train_rewards, true_accuracy,
+                                  win_rate)
 
 RUNS = {  # name: (config, overrides besides the steps)
     "dpo-s1": ("semi_online_dpo_rm.yaml", []),
@@ -60,9 +62,10 @@ def built(run_dir: Path) -> tuple[str, dict[str, str]]:
 
 def score(name: str, run_dir: Path) -> dict:
     acc = true_accuracy(run_dir)
-    row = {"accuracy_first": acc[0], "accuracy_last": acc[1]}
+    start, judges = built(run_dir)
+    row = {"accuracy_first": acc[0], "accuracy_last": acc[1], "policy_accuracy_start": sampled_accuracy(start, 4),
+           "policy_accuracy_final": sampled_accuracy(str(run_dir / "final"), 4)}
     if name == "ipo":
-        start, judges = built(run_dir)
         row["win_rate_vs_start"] = win_rate(judges["pm"], str(run_dir / "final"), start, max_operand=4)
     else:
         row["reward_first"], row["reward_last"] = first_last(train_rewards(run_dir))
@@ -70,12 +73,13 @@ def score(name: str, run_dir: Path) -> dict:
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| run | reward under the judge: first fifth -> last fifth | true accuracy: first fifth -> last fifth |",
-             "|---|---|---|"]
+    lines = ["| run | reward under the judge: first fifth -> last fifth | true accuracy of the rollouts: first fifth "
+             "-> last fifth | true accuracy of the policy: start -> final |", "|---|---|---|---|"]
     for name, r in rows.items():
         judged = (f"win rate vs the starting policy {r['win_rate_vs_start']:.2f}" if "win_rate_vs_start" in r
                   else f"{r['reward_first']:+.2f} -> {r['reward_last']:+.2f}")
-        lines.append(f"| {name} | {judged} | {r['accuracy_first']:.2f} -> {r['accuracy_last']:.2f} |")
+        lines.append(f"| {name} | {judged} | {r['accuracy_first']:.2f} -> {r['accuracy_last']:.2f} | "
+                     f"{r['policy_accuracy_start']:.2f} -> {r['policy_accuracy_final']:.2f} |")
     return "\n".join(lines)
 
 
