@@ -27,7 +27,8 @@ class RewardModelConfig(BaseModel):
     output on the pair, read in both orders, and each sample's reward is its mean win probability in its group."""
     path: str | None = None
     """Local directory or hub name of a sequence-classification model with exactly one output (num_labels 1) and
-    a tokenizer with a chat template. None: the launcher builds a tiny judge locally (once launch/judges.py can)."""
+    a tokenizer with a chat template. None: the launcher builds the tiny judge of this kind for synthetic:arithmetic
+    (launch/judges.py, seconds on CPU, cached beside the tiny policy) before any actor starts."""
     num_actors: int = Field(1, ge=1)
     """Judge actors started for this model; `python -m launch.scale --reward-actors NAME=N` resizes the pool."""
     num_cpus: float = Field(1.0, gt=0)
@@ -113,9 +114,10 @@ def judge_problem(key: str, path: str, local_only: bool = False) -> str | None:
 
 
 def reward_model_problem(specs: dict[str, str | dict[str, str]], rewards: RewardsConfig, group_size: int,
-                         evaluated: dict[str, str | None] | None = None) -> str | None:
+                         evaluated: dict[str, str | None] | None = None, arithmetic: bool = False) -> str | None:
     """Why the judges named by `specs` ({config key: reward spec or data_source mapping}) cannot run (None: they can).
-    `evaluated`: {config key of held-out prompts: the reward spec that scores them}.
+    `evaluated`: {config key of held-out prompts: the reward spec that scores them}. `arithmetic`: a training source
+    is synthetic:arithmetic, the only task a judge without a path (a tiny judge built here) knows.
 
     A preference model's reward is a win rate inside a group, so it needs groups of at least two samples; relative
     to the group is all any objective here reads (every one subtracts a group baseline, and dpo/ipo take best vs
@@ -128,10 +130,11 @@ def reward_model_problem(specs: dict[str, str | dict[str, str]], rewards: Reward
                         f"(it has {sorted(rewards.models) or 'none'})")
     for name, m in rewards.models.items():
         key = f"rewards.models.{name}"
-        if m.path is None:  # the hook for locally built tiny judges: the launcher resolves it before actors start
-            return (f"config key '{key}.path': not set; give a local directory or hub name of a sequence-"
-                    "classification model with one output (tiny judges are not built locally yet)")
-        if problem := judge_problem(f"{key}.path", m.path, local_only=True):
+        if m.path is None and not arithmetic:  # launch/train.py builds it, and all it knows is sums
+            return (f"config key '{key}.path': not set, which builds a tiny judge of a+b= sums, but no training "
+                    "source is synthetic:arithmetic; give a local directory or hub name of a sequence-"
+                    "classification model with one output")
+        if m.path is not None and (problem := judge_problem(f"{key}.path", m.path, local_only=True)):
             return problem
         if m.kind == "preference" and group_size < 2:
             return (f"config key '{key}.kind': a preference model ranks the samples of a group against each other, "

@@ -8,6 +8,7 @@ is a `ConfigError` whose message names the key.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ class ConfigError(ValueError):
     """A configuration that cannot work; raised before any actor starts."""
 
 
+UNION_MEMBER = re.compile(r"constrained-\w+|literal\[.*\]")  # pydantic's tags of a union member in an error's loc
 TINY_MAX_MODEL_LEN = 64  # the default model's context: prompts of a+b= and a few answer tokens
 
 
@@ -238,7 +240,8 @@ def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
     if not first["loc"] and "error" in first.get("ctx", {}):  # RunConfig's own validator: its message names the keys
         return str(first["ctx"]["error"])
-    key = ".".join(str(p) for p in first["loc"])
+    # a union's members appear in the location (learner.publish_every.constrained-int): the key is without them
+    key = ".".join(str(p) for p in first["loc"] if not UNION_MEMBER.fullmatch(str(p)))
     if first["type"] == "extra_forbidden":
         return f"unknown config key {key!r}"
     return f"config key {key!r}: {first['msg']} (got {first.get('input')!r})"
@@ -303,8 +306,13 @@ def validate(cfg: RunConfig) -> None:
     per_rank = L.groups_per_step // L.num_ranks
     if per_rank % min(L.micro_batch_groups, per_rank):
         raise ConfigError(f"config key 'learner.micro_batch_groups': {L.micro_batch_groups} does not divide the {per_rank} groups each rank trains per step")
-    if B.staleness_policy == "admission" and L.publish_every - 1 > B.max_staleness:
-        raise ConfigError(f"config key 'buffer.max_staleness': {B.max_staleness} < learner.publish_every - 1 = {L.publish_every - 1}: no rollout could ever be fresh enough")
+    # the oldest weights a step can face: those of the last publish, or the starting ones when none comes in time
+    period = L.total_steps if L.publish_every == "never" else min(L.publish_every, L.total_steps)
+    if B.staleness_policy == "admission" and period - 1 > B.max_staleness:
+        which = f"learner.publish_every - 1 = {period - 1}" if period != L.total_steps or L.publish_every == \
+            L.total_steps else f"learner.total_steps - 1 = {period - 1} (learner.publish_every {L.publish_every})"
+        raise ConfigError(f"config key 'buffer.max_staleness': {B.max_staleness} < {which}: no rollout could ever be "
+                          "fresh enough")
     if B.filter == "zero_variance" and A.n < 2:
         raise ConfigError(f"config key 'buffer.filter': zero_variance drops groups whose rewards are all equal, and "
                           f"with actors.n={A.n} every group is: set actors.n >= 2 or buffer.filter none")

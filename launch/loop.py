@@ -110,7 +110,7 @@ class Launcher:
     def _start_learning(self) -> None:
         L, step = self.cfg.learner, self.state.step
         batch = self.buffer.sample.remote(L.groups_per_step, step, L.sample_timeout_s)
-        publish = (step + 1) % L.publish_every == 0 and step + 1 < L.total_steps
+        publish = L.publish_every != "never" and (step + 1) % L.publish_every == 0 and step + 1 < L.total_steps
         self.learning = [rank.train_step.remote(batch, publish) for rank in self.ranks]
         self.calls.add(self.learning[0], "learn", self.cfg.ray.rpc_timeout_s + L.sample_timeout_s)
 

@@ -1,9 +1,12 @@
 """The run's rewards checked before any actor starts: every reward spec resolves (user code is loaded here, in the
-driver, so a wrong path or name fails first) and every judge it names can serve (actors/reward_config.py)."""
+driver, so a wrong path or name fails first) and every judge it names can serve (actors/reward_config.py). A judge
+without a path is built later, by launch/judge_build.py."""
 from __future__ import annotations
 
 from actors.reward_config import reward_model_problem
 from actors.rewards import DEFAULT_ROUTE, Rewards
+
+ARITHMETIC = "synthetic:arithmetic"
 
 
 def check_rewards(cfg) -> str | None:
@@ -21,4 +24,5 @@ def check_rewards(cfg) -> str | None:
                  for i, s in enumerate(D.sources) if s.eval}
     if D.eval and isinstance(A.reward, str):  # with a mapping, data.eval's rows route by their own data_source
         evaluated["data.eval"] = A.reward
-    return reward_model_problem(specs, cfg.rewards, A.n, evaluated)
+    arithmetic = any(s.train == ARITHMETIC for s in D.sources) if D.sources else D.train == ARITHMETIC
+    return reward_model_problem(specs, cfg.rewards, A.n, evaluated, arithmetic)

@@ -147,6 +147,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     from launch.run_data import prepare_prompts
     from launch.loop import Launcher
     from launch.model import build_default_model
+    from launch.judge_build import build_missing_judges
 
     seed_everything(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +155,10 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     model_path = cfg.model.path or build_default_model(cfg.model, cfg.data.max_operand, Path(cfg.output_dir) / "_models",
                                                        prompt_format(cfg.data))
     check_model(cfg, model_path)  # the built tiny model only now; a user model again, for a config built in code
+    # judges without a path: built here, after config.yaml (which keeps null: a resume builds or reuses the same one)
+    cfg.rewards, problem = build_missing_judges(cfg, Path(cfg.output_dir) / "_models")
+    if problem:
+        raise ConfigError(problem)
     data = prepare_prompts(cfg, model_path, Rewards(cfg.actors.reward))  # bad data fails here, before Ray starts
     if not data.sources:
         print(f"relay: data.train {cfg.data.train}: {len(data.train.prompts)} prompts"

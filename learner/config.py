@@ -1,7 +1,7 @@
 """Learner configuration."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,8 +70,9 @@ class LearnerConfig(BaseModel):
     """Gradient norm clip (0 = off)."""
     warmup_steps: int = Field(0, ge=0)
     """Linear learning-rate warm-up steps."""
-    publish_every: int = Field(1, ge=1)
-    """Publish new weights every k optimizer steps."""
+    publish_every: Annotated[int, Field(ge=1)] | Literal["never"] = 1
+    """Publish new weights every k optimizer steps (the semi-online sync period s); never: the generators keep the
+    starting weights for the whole run (s = infinity: every rollout comes from the starting policy)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training precision (bf16 on GPU)."""
     objective: ObjectiveConfig = ObjectiveConfig()
