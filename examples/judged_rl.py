@@ -24,6 +24,7 @@ from pathlib import Path
 
 from examples.judged_eval import (accuracy_by_version, first_last, sampled_accuracy, train_rewards, true_accuracy,
                                   win_rate)
+from examples.runs import smooth
 
 RUNS = {  # name: (config, overrides besides the steps)
     "dpo-s1": ("semi_online_dpo_rm.yaml", []),
@@ -92,15 +93,11 @@ def plot(runs: dict[str, Path], path: Path) -> None:
     fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, run_dir in runs.items():
         if name != "ipo":  # a preference reward averages 1/2 in every group
-            ys = train_rewards(run_dir)
-            k = max(len(ys) // 15, 1)
-            ax_r.plot([sum(ys[max(0, i - k):i + 1]) / len(ys[max(0, i - k):i + 1]) for i in range(len(ys))], label=name)
+            ax_r.plot(smooth(train_rewards(run_dir), 15), label=name)
         by_version = accuracy_by_version(run_dir)
         versions = sorted(by_version)
         acc = [sum(by_version[v]) / len(by_version[v]) for v in versions]
-        k = max(len(acc) // 15, 1)
-        ax_a.plot(versions, [sum(acc[max(0, i - k):i + 1]) / len(acc[max(0, i - k):i + 1]) for i in range(len(acc))],
-                  label=name)
+        ax_a.plot(versions, smooth(acc, 15), label=name)
     ax_r.set(title="reward under the scalar judge (rolling mean)", xlabel="learner step", ylabel="judge logit")
     ax_a.set(title="true accuracy of the rollouts (rolling mean)", xlabel="policy version sampled",
              ylabel="exact-match accuracy")
