@@ -244,8 +244,8 @@ class Generator:
         start = 0
         for (p, out), group_scores in zip(usable, scored):
             if group_scores[0] is None:  # one prompt, one route: the whole group is deferred or none of it
-                w = work.setdefault(self.rewards.route(p.data_source).name, JudgeWork(
-                    self.rewards.route(p.data_source).name, [], []))
+                name = self.rewards.route(p.data_source).name
+                w = work.setdefault(name, JudgeWork(name, [], []))
                 w.rows.append(list(range(start, start + len(out.outputs))))
                 w.groups.append((p.chat(), [c.text for c in out.outputs]))
             start += len(out.outputs)
@@ -290,7 +290,8 @@ class Generator:
         for (p, o), group, group_scores in list(zip(usable, groups, scored))[:SAMPLES_PER_REQUEST]:
             row = group[0]
             out.append({"prompt": self.engine.tokenizer.decode(list(o.prompt_token_ids), skip_special_tokens=False),
-                        "response": row.response_text, "reward": None if group_scores[0] is None else row.reward, "answer": p.answer,
+                        "response": row.response_text, "answer": p.answer,
+                        "reward": None if group_scores[0] is None else row.reward,
                         "source": p.data_source, "policy_version": row.policy_version, "prompt_id": p.id})
         return out
 

@@ -213,7 +213,6 @@ class Rewards:
                 out[i] = scored
         return out
 
-
     def _judged(self, route: JudgeRoute, prompts: list[Prompt], responses: list[str],
                 rows: list[int]) -> list[tuple[float, str]]:
         """The rows' judge scores, now. Consecutive rows of one Prompt are one group (a request's n samples)."""
