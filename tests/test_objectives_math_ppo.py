@@ -234,3 +234,18 @@ def test_gradcheck(cfg):
                                             inp.ref_logp, inp.prox_logp))[0]
 
     assert torch.autograd.gradcheck(f, (inp.logp,))
+
+
+@pytest.mark.parametrize("aggregation", ["token_sum", "seq_mean_token_mean"])
+def test_decoupled_ppo_at_one_update_per_batch_is_tis(aggregation):
+    # verl's TIS (a truncated weight min(old / mu, C) on the PPO loss, old = the trainer's pre-update policy) is
+    # decoupled_ppo. With learner.updates_per_batch 1, prox is the policy being updated, so u = 1, the clip never
+    # binds and its gradient is tis's, -min(pi / mu, C) A grad logp: the two differ only in their default aggregation.
+    inp = random_inputs(seed=29, drift=1.0)
+    inp.prox_logp = inp.logp.detach().clone()
+    cap = 1.5
+    _, g_d = grad_of(ObjectiveConfig(name="decoupled_ppo", is_cap=cap, aggregation=aggregation), inp)
+    _, g_t = grad_of(ObjectiveConfig(name="tis", is_cap=cap, aggregation=aggregation), inp)
+    rho = torch.exp(inp.logp.detach() - inp.behaviour_logp)
+    assert ((rho > cap).double() * inp.mask).sum() > 0, "the draw must exercise the cap"
+    torch.testing.assert_close(g_d, g_t)
