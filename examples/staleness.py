@@ -109,8 +109,9 @@ def plot(curves: dict[Key, list[list[float]]], objectives: list[str], periods: l
         ax.set_title("on-policy (s = 0)" if s == 0 else f"s = {s}")
         ax.set_xlabel("learner step")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("reward (rolling mean; band: min-max over seeds)")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][0].set_ylabel("reward (rolling mean)")
+    axes[0][-1].legend(fontsize=8, title="mean; band: min-max over seeds" if any(len(r) > 1 for r in curves.values())
+                       else None, title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
