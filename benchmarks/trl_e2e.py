@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.async_sync import run_job
+from benchmarks.async_sync import run_job, step_parts
 from benchmarks.common import build_bench_model, ray_start, result, skipped
 from launch.config import load_config
 
@@ -65,9 +65,45 @@ def trl_worker(model_path: str, steps: int) -> dict:
         trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32),
                               reward_funcs=reward, args=config, train_dataset=data,
                               processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[clock])
+        spent = {"generate": [], "train_step": []}  # seconds per call, in step order
+        for name, method in (("generate", "_generate_and_score_completions"), ("train_step", "training_step")):
+            setattr(trainer, method, _timed(getattr(trainer, method), spent[name]))
         trainer.train()
     first = clock.points[0][0]  # times from the first step's end, as for Relay
-    return {"points": [[round(t - first, 3), step, r] for t, step, r in clock.points], "threads": torch.get_num_threads()}
+    return {"points": [[round(t - first, 3), step, r] for t, step, r in clock.points], "threads": torch.get_num_threads(),
+            "spent": spent}
+
+
+def _timed(fn, into: list):
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        into.append(time.perf_counter() - t0)
+        return out
+    return timed
+
+
+def trl_parts(trl: dict) -> dict:
+    """TRL's seconds per steady-state step: generation (HF generate and the reward), forward + backward (the rest of
+    training_step, which calls the generation), and the rest of the step (optimizer, clipping, logging)."""
+    steps = len(trl["points"]) - 1
+    step_s = trl["points"][-1][0] / steps
+    gen = statistics.mean(trl["spent"]["generate"][1:])
+    train = statistics.mean(trl["spent"]["train_step"][1:]) - gen
+    return {k: round(v, 3) for k, v in {"step_s": step_s, "generate_s": gen, "forward_backward_s": train,
+                                         "other_s": step_s - gen - train}.items()}
+
+
+def relay_parts(records: list[dict], times: list[float]) -> dict:
+    """Relay's seconds per steady-state step: the learner's parts (its own timers), the publish, and the generator's
+    busy fraction (generation and the weight load, over the step)."""
+    parts = step_parts(records, times)
+    steps = records[1:]
+    for key in ("prepare", "forward", "backward", "optimizer"):
+        parts[f"learner_{key}_s"] = round(statistics.mean(r.get(f"learner_{key}_s") or 0.0 for r in steps), 4)
+    parts["generator_busy_fraction"] = round((parts["generate_s"] + parts["weight_load_s"]) / parts["step_s"], 3)
+    parts["learner_busy_fraction"] = round((parts["learner_step_s"] + parts["weight_sync_s"]) / parts["step_s"], 3)
+    return parts
 
 
 def run_trl(model_path: str, steps: int) -> dict:
@@ -79,16 +115,16 @@ def run_trl(model_path: str, steps: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_relay(model_path: str, steps: int) -> dict:
+def run_relay(model_path: str, steps: int, overrides: dict | None = None) -> dict:
     cfg = load_config("configs/default.yaml", {
         "model.path": model_path, "actors.n": GROUP, "actors.max_tokens": COMPLETION_LEN,
         "actors.prompts_per_request": COMPLETIONS // GROUP, "learner.groups_per_step": COMPLETIONS // GROUP,
         "learner.micro_batch_groups": COMPLETIONS // GROUP, "learner.total_steps": steps, "learner.lr": LR,
         "learner.track_ref_kl": False, "learner.objective.name": "grpo", "progress": False, "tensorboard": False,
-    })
+    } | (overrides or {}))
     _, records, times = run_job(cfg, model_path)
     return {"points": [[round(t - times[0], 3), r["step"], r["reward_mean"]] for t, r in zip(times, records)],
-            "max_staleness": cfg.buffer.max_staleness}
+            "max_staleness": cfg.buffer.max_staleness, "parts": relay_parts(records, times)}
 
 
 def run(quick: bool) -> dict:
