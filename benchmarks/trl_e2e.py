@@ -6,6 +6,9 @@ in it) and generates with transformers: its vLLM colocate mode fails on CPU
 (`'Parameter' object has no attribute 'weight_loader'`). Relay runs its
 default launcher (one rollout actor, one learner rank, staleness bound 1) on
 the same two cores. Both score with Relay's exact-match arithmetic reward.
+Each row keeps both sides' seconds per step (`seconds_per_step`): TRL's generation,
+forward + backward and the rest; Relay's learner parts (its own step timers) and
+its generator's busy fraction. Two rows: fp32 (the target) and both sides in bf16.
 `trl` is in the `bench` extra only; without it the result is null with the reason.
 
     .venv/bin/python -m benchmarks.trl_e2e [--quick]
