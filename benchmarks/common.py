@@ -17,7 +17,8 @@ from pathlib import Path
 
 REQUIRED_NAMES = ("rollout_vs_bare_vllm", "weight_sync_vs_memcpy", "learner_blocked_fraction", "learner_vs_bare_torch",
                   "learner_memory_vs_full_logits", "learner_speed_vs_full_logits",
-                  "buffer_vs_ray_queue", "async_vs_sync", "sync_overhead", "e2e_vs_trl_grpo", "rollout_scaling",
+                  "buffer_vs_ray_queue", "async_vs_sync", "sync_overhead", "e2e_vs_trl_grpo", "e2e_vs_trl_grpo_bf16",
+                  "rollout_scaling",
                   "lora_sync_bytes_vs_full", "lora_sync_time_vs_full", "lora_learner_memory_vs_full", "reward_offload")
 REQUIRED_FIELDS = ("name", "value", "baseline", "ratio", "unit", "target", "samples")
 CACHE = Path("runs/_models")  # ignored by git; the default job caches its tiny model here too

@@ -28,7 +28,7 @@ SUITE = (
     ("benchmarks.learner_memory", ("learner_memory_vs_full_logits", "learner_speed_vs_full_logits")),
     ("benchmarks.lora_sync", ("lora_sync_bytes_vs_full", "lora_sync_time_vs_full", "lora_learner_memory_vs_full")),
     ("benchmarks.async_sync", ("async_vs_sync", "sync_overhead")),
-    ("benchmarks.trl_e2e", ("e2e_vs_trl_grpo",)),
+    ("benchmarks.trl_e2e", ("e2e_vs_trl_grpo", "e2e_vs_trl_grpo_bf16")),
     ("benchmarks.reward_offload", ("reward_offload",)),
 )
 UNITS = {"buffer_vs_ray_queue": ("groups/s", 5.0), "rollout_vs_bare_vllm": ("tokens/s", 0.9),
@@ -38,6 +38,7 @@ UNITS = {"buffer_vs_ray_queue": ("groups/s", 5.0), "rollout_vs_bare_vllm": ("tok
          "lora_sync_bytes_vs_full": ("bytes/sync", 0.1), "lora_sync_time_vs_full": ("s/sync", 0.5),
          "lora_learner_memory_vs_full": ("GiB peak", 0.6),
          "async_vs_sync": ("learner steps/min", 1.3), "sync_overhead": ("s/step", 1.25), "e2e_vs_trl_grpo": ("samples/s", 2.0),
+         "e2e_vs_trl_grpo_bf16": ("samples/s", None),
          "reward_offload": ("samples/s", 1.0)}
 
 

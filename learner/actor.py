@@ -95,6 +95,11 @@ class LearnerRank:
         return ray.get_runtime_context().get_node_id()
 
 
+def learner_threads(cfg: LearnerConfig) -> int:
+    """OpenMP threads of a learner rank: learner.num_threads, else what Ray gives an actor of num_cpus CPUs."""
+    return cfg.num_threads or max(int(cfg.num_cpus), 1)
+
+
 def learner_bundles(cfg: LearnerConfig) -> list[dict]:
     """One Ray bundle per rank: what that rank's actor reserves."""
     bundle = {"CPU": cfg.num_cpus} | ({"GPU": cfg.num_gpus} if cfg.num_gpus > 0 else {}) | cfg.resources
@@ -155,7 +160,7 @@ def make_learner_ranks(cfg: LearnerConfig, **kwargs) -> list:
     pg, addr = place_learner_group(cfg)
     port = rendezvous_port(pg, addr, cfg.placement_timeout_s)
     cls = ray.remote(LearnerRank).options
-    env = {"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(int(cfg.num_cpus), 1))}}}
+    env = {"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(learner_threads(cfg))}}}
     return [
         # max_concurrency 2: `materialize` (object-store publishing) runs while the next step trains
         cls(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources, max_restarts=0, max_concurrency=2, **env,

@@ -85,6 +85,8 @@ class Learner:
         self.rank, self.world_size = rank, world_size
         # The same seed on every rank: weights a model initialises rather than loads must agree across ranks.
         seed_everything(cfg.seed)
+        if cfg.num_threads is not None:  # OMP_NUM_THREADS (learner/actor.py) sets the pool; a plain Learner too
+            torch.set_num_threads(cfg.num_threads)
         on_gpu = torch.cuda.is_available() and cfg.num_gpus > 0
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -114,6 +116,7 @@ class Learner:
         if cfg.lora is None and wants_ref:
             self.ref = self._load_reference(dtype)
         self.step = 0  # optimizer steps taken == the version of the weights this learner holds
+        self.times: dict[str, float] = {}  # seconds of the last step's parts (train_tensors)
         self._readers: list = []  # publishes still reading the live parameters (callables that wait for them)
 
     def _load_reference(self, dtype: torch.dtype):
@@ -156,8 +159,9 @@ class Learner:
 
         hooks = [module.get_decoder().register_forward_hook(keep), module.register_forward_hook(expose)]
         input_ids = mb.input_ids.to(self.device)  # (B, L)
-        try:
-            model(input_ids=input_ids, attention_mask=mb.attention_mask.to(self.device), logits_to_keep=1)
+        try:  # the head below stays outside autocast: its log-probs are fp32 (response_logprobs)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
+                model(input_ids=input_ids, attention_mask=mb.attention_mask.to(self.device), logits_to_keep=1)
         finally:
             for h in hooks:
                 h.remove()
@@ -209,13 +213,16 @@ class Learner:
             self.engine.eval()
             prox_logp = self._frozen_logp(self.engine.module, full, plan)  # the policy before this update
             self.engine.train()
+        self.times = {"prepare": time.perf_counter() - t0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         sums: dict[str, float] = {}
         loss, waited = 0.0, 0.0
         self.mismatch_rows = torch.zeros(len(full), 3)  # (B, 3) tokens of this very version: see learner/mismatch.py
         for update in range(self.cfg.updates_per_batch):
             loss_u, metrics = self.accumulate(full, plan, ref_logp, prox_logp, measure=update == 0)
             waited += self.release_weights()  # the update below overwrites what a publish may still be reading
+            t_opt = time.perf_counter()
             self.engine.step()
+            self.times["optimizer"] += time.perf_counter() - t_opt
             loss += loss_u / self.cfg.updates_per_batch
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / self.cfg.updates_per_batch
@@ -230,6 +237,9 @@ class Learner:
             tokens=float(lengths.sum()), rows=float(len(full)),
             learner_step_s=time.perf_counter() - t0, lr=float(self.engine.get_lr()[0]),
             weight_sync_wait_s=waited,  # how long this step waited for the previous publish to finish reading
+            # Where the step went (wall seconds; on a GPU, kernels still running are counted where they are awaited).
+            # prepare: Arrow to tensors, the plan, reference / proximal passes; forward includes the objective.
+            **{f"learner_{k}_s": v for k, v in self.times.items()},
         )
         return self._all_reduce(out)
 
@@ -243,6 +253,7 @@ class Learner:
         sums: dict[str, float] = {}
         total = 0.0
         for rows in plan:
+            t_fwd = time.perf_counter()
             mb = full.take(rows)
             logp, entropy = self._forward(self.engine, mb)  # (b, t), (b, t)
             mask, width = mb.resp_mask.to(self.device), mb.resp_mask.shape[1]
@@ -259,7 +270,10 @@ class Learner:
                 same = (mb.token_versions.to(self.device) == self.step) & (mask > 0)  # (b, t)
                 self.mismatch_rows[rows] = token_mismatch(logp, behaviour, same)  # unknown (NaN) ones are ignored
             loss, metrics = compute_loss(self.cfg.objective, inputs)
+            t_bwd = time.perf_counter()
             self.engine.backward(loss)
+            self.times["forward"] += t_bwd - t_fwd
+            self.times["backward"] += time.perf_counter() - t_bwd
             total += float(loss.detach())
             metrics = {**metrics, "entropy_mean": float((entropy * mask).sum() / mask.sum().clamp(min=1))}
             for k, v in metrics.items():
