@@ -56,12 +56,23 @@ def engine_args(cfg: ActorConfig, model_path: str, generator_id: str, max_model_
     )
 
 
+def sampled_logprobs(token_ids, logprobs) -> list[float]:
+    """(T,) each sampled token's log-prob, from vLLM's per-position entries (`SamplingParams(logprobs=0)`: the
+    sampled token's own entry only). `flat_logprobs` output holds them as one flat list already, read as is; a
+    per-position {token_id: Logprob} would cost a dict and an object per token."""
+    from vllm.logprobs import FlatLogprobs
+
+    if isinstance(logprobs, FlatLogprobs) and logprobs.token_ids == list(token_ids):  # one entry per position
+        return list(logprobs.logprobs)
+    return [lp[tok].logprob for lp, tok in zip(logprobs, token_ids)]
+
+
 @dataclass
 class Completion:
     """One sample of a prompt."""
 
     token_ids: list[int]  # (T,)
-    logprobs: Any  # (T,) {token_id: Logprob}, the sampled token's entry
+    logprobs: list[float]  # (T,) each sampled token's log-prob under the distribution sampled from
     text: str
     finish_reason: str | None
     versions: list[int] | None = None  # (T,) weight version that sampled each token (in-flight engine only)
@@ -130,8 +141,8 @@ class SyncEngine:
     def sample(self, token_prompts: list[list[int]], params) -> list[Output]:
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in token_prompts], params, use_tqdm=False,
                                  lora_request=self.lora)
-        return [Output(list(o.prompt_token_ids), [Completion(c.token_ids, c.logprobs, c.text, c.finish_reason)
-                                                  for c in o.outputs]) for o in outs]
+        return [Output(list(o.prompt_token_ids), [Completion(list(c.token_ids), sampled_logprobs(c.token_ids, c.logprobs),
+                                                             c.text, c.finish_reason) for c in o.outputs]) for o in outs]
 
     def load(self, version: int, tensors: list) -> None:
         """Plain CPU weights are copied into place; otherwise vLLM's layerwise reload re-creates and repacks

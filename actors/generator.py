@@ -32,7 +32,7 @@ from actors.engines import Engine, Output, SyncEngine
 from actors.judge import JudgeWork
 from actors.prompts import Prompt, PromptFormat, render_all
 from actors.rewards import Rewards
-from buffer.schema import Rollout, rollouts_to_arrow
+from buffer.schema import FIELDS as ROLLOUT_FIELDS, rollout_batch
 
 __all__ = ["GenerationResult", "Generator", "Prompt"]
 SAMPLES_PER_REQUEST = 2  # decoded rows a request hands back for the run's samples.jsonl
@@ -225,16 +225,14 @@ class Generator:
                                          [c.text for _, out in usable for c in out.outputs], self.defer_judges))
         score_s = time.time() - t_score
         scored = [[next(scores) for _ in out.outputs] for _, out in usable]
-        groups = [self._group(p, out, [s or (0.0, "") for s in group_scores], t0)
-                  for (p, out), group_scores in zip(usable, scored)]
-        rows = [row for group in groups for row in group]
+        columns = self._columns(usable, scored, t0)
         work = self._judge_work(usable, scored)
-        batch = rollouts_to_arrow(rows) if rows else None
-        tokens = sum(len(r.behaviour_logprobs) for r in rows)
-        faults = Counter(r.reward_info for r in rows if r.reward_info)  # samples scored 0: the reward raised or was NaN
-        return GenerationResult(batch, len(groups), tokens, self.version, time.time() - t0,
+        batch = rollout_batch(columns) if usable else None
+        tokens = sum(map(len, columns["behaviour_logprobs"]))
+        faults = Counter(info for info in columns["reward_info"] if info)  # samples scored 0: the reward raised or was NaN
+        return GenerationResult(batch, len(usable), tokens, self.version, time.time() - t0,
                                 self.engine.loading_s() - loading0, dict(skipped), reward_faults=dict(faults),
-                                samples=self._samples(usable, groups, scored), judge_work=work, score_s=score_s,
+                                samples=self._samples(usable, columns, scored), judge_work=work, score_s=score_s,
                                 skipped_by_source=dict(by_source))
 
     def _judge_work(self, usable: list[tuple[Prompt, Output]], scored: list[list]) -> list[JudgeWork]:
@@ -251,48 +249,44 @@ class Generator:
             start += len(out.outputs)
         return list(work.values())
 
-    def _group(self, prompt: Prompt, out: Output, scores: list[tuple[float, str]], t_start: float) -> list[Rollout]:
-        """One prompt's n samples as Rollouts. With per-token versions (in-flight), a row's policy_version is its
-        oldest token's: what the buffer's staleness bound measures. The token ids stored are the ones the engine
-        generated from (`out.prompt_token_ids`), so the learner scores exactly what was sampled."""
-        group_id = uuid.uuid4().hex
-        rows = []
-        for i, (comp, (reward, info)) in enumerate(zip(out.outputs, scores)):
-            ids = list(comp.token_ids)
-            rows.append(
-                Rollout(
-                    rollout_id=f"{group_id}-{i}",  # unique as the group id is; one uuid per group is enough
-                    prompt_id=prompt.id,
-                    group_id=group_id,
-                    group_size=self.cfg.n,
-                    token_ids=list(out.prompt_token_ids) + ids,
-                    prompt_len=len(out.prompt_token_ids),
-                    behaviour_logprobs=[lp[tok].logprob for lp, tok in zip(comp.logprobs, ids)],
-                    reward=reward,
-                    policy_version=min(comp.versions) if comp.versions else self.version,
-                    generator_id=self.id,
-                    finish_reason=comp.finish_reason or "stop",
-                    t_start=t_start,
-                    t_end=time.time(),
-                    response_text=comp.text,
-                    reward_info=info,
-                    token_versions=comp.versions or [],
-                    data_source=prompt.data_source,
-                )
-            )
-        return rows
+    def _columns(self, usable: list[tuple[Prompt, Output]], scored: list[list], t_start: float) -> dict[str, list]:
+        """The request's rows as ROLLOUT_SCHEMA columns, group after group (one prompt's n samples), straight from
+        the engine's outputs. With per-token versions (in-flight), a row's policy_version is its oldest token's:
+        what the buffer's staleness bound measures. The token ids stored are the ones the engine generated from
+        (`out.prompt_token_ids`), so the learner scores exactly what was sampled. A deferred score (None) is 0
+        until the judge service scores the row."""
+        cols: dict[str, list] = {name: [] for name in ROLLOUT_FIELDS}
+        for (prompt, out), group_scores in zip(usable, scored):
+            group_id, k, t_end = uuid.uuid4().hex, len(out.outputs), time.time()
+            prompt_ids = list(out.prompt_token_ids)
+            cols["rollout_id"] += [f"{group_id}-{i}" for i in range(k)]  # unique as the group id is
+            for name, value in (("prompt_id", prompt.id), ("group_id", group_id), ("group_size", self.cfg.n),
+                                ("prompt_len", len(prompt_ids)), ("generator_id", self.id), ("t_start", t_start),
+                                ("t_end", t_end), ("data_source", prompt.data_source)):
+                cols[name] += [value] * k
+            for comp, score in zip(out.outputs, group_scores):
+                reward, info = score or (0.0, "")
+                cols["token_ids"].append(prompt_ids + comp.token_ids)
+                cols["behaviour_logprobs"].append(comp.logprobs)
+                cols["token_versions"].append(comp.versions or [])
+                cols["policy_version"].append(min(comp.versions) if comp.versions else self.version)
+                cols["reward"].append(reward)
+                cols["reward_info"].append(info)
+                cols["finish_reason"].append(comp.finish_reason or "stop")
+                cols["response_text"].append(comp.text)
+        return cols
 
-    def _samples(self, usable: list[tuple[Prompt, Output]], groups: list[list[Rollout]], scored: list[list]) -> list[dict]:
+    def _samples(self, usable: list[tuple[Prompt, Output]], columns: dict[str, list], scored: list[list]) -> list[dict]:
         """The first row of the first few groups, decoded for people: the prompt as the model saw it (template
         and special tokens included), the response, its reward (None: the judge service scores it later), the
         reference answer."""
-        out = []
-        for (p, o), group, group_scores in list(zip(usable, groups, scored))[:SAMPLES_PER_REQUEST]:
-            row = group[0]
+        out, row = [], 0
+        for (p, o), group_scores in list(zip(usable, scored))[:SAMPLES_PER_REQUEST]:
             out.append({"prompt": self.engine.tokenizer.decode(list(o.prompt_token_ids), skip_special_tokens=False),
-                        "response": row.response_text, "answer": p.answer,
-                        "reward": None if group_scores[0] is None else row.reward,
-                        "source": p.data_source, "policy_version": row.policy_version, "prompt_id": p.id})
+                        "response": columns["response_text"][row], "answer": p.answer,
+                        "reward": None if group_scores[0] is None else columns["reward"][row],
+                        "source": p.data_source, "policy_version": columns["policy_version"][row], "prompt_id": p.id})
+            row += len(o.outputs)
         return out
 
     def evaluate(self, prompts: list[Prompt]) -> dict[str, float]:
@@ -316,7 +310,7 @@ def _unusable(out: Output) -> str:
     for comp in out.outputs:
         if not comp.token_ids:
             return "empty_generation"
-        if not all(math.isfinite(lp[tok].logprob) for lp, tok in zip(comp.logprobs, comp.token_ids)):
+        if not all(map(math.isfinite, comp.logprobs)):
             return "nonfinite_logprobs"
     return ""
 

@@ -32,7 +32,7 @@ import time
 import uuid
 
 from actors.config import ActorConfig
-from actors.engines import Completion, Output, engine_args
+from actors.engines import Completion, Output, engine_args, sampled_logprobs
 
 WORKER_EXTENSION = "actors.inflight.RelayWorkerExtension"
 LAYOUT_ENV = "RELAY_CPU_WEIGHT_LAYOUT"  # actors.cpu_weight_layout, handed to the engine process
@@ -246,7 +246,7 @@ class AsyncEngine:
             for c in out.outputs:  # deltas: only the tokens new since the last output
                 acc = done.setdefault(c.index, Completion([], [], "", None))
                 acc.token_ids.extend(c.token_ids)
-                acc.logprobs.extend(c.logprobs or [])
+                acc.logprobs.extend(sampled_logprobs(c.token_ids, c.logprobs or []))
                 acc.text += c.text
                 self._streamed[(request, c.index)] = len(acc.token_ids)
                 if c.finish_reason is not None:

@@ -100,12 +100,12 @@ def run(quick: bool) -> dict:
               "inline": make_rollout_actor(cfg, "gen-inline", local_judges={"rm": (judge_cfg, judge_path)}, **common)}
     try:
         ray.get([a.version.remote() for a in actors.values()])  # engines (and the inline judge) up first
-        warm = make_requests(1, cfg.prompts_per_request)
+        warm = make_requests(model_path, 1, cfg.prompts_per_request)
         for a in actors.values():
             drive(a, warm, 1)  # first calls compile/allocate
         samples = []
         for k in range(repeats):
-            requests = make_requests(n_requests, cfg.prompts_per_request, offset=k * 7)
+            requests = make_requests(model_path, n_requests, cfg.prompts_per_request, offset=k * 7)
             s = {}
             for which in (("service", "inline") if k % 2 == 0 else ("inline", "service")):
                 out = drive(actors[which], requests, cfg.requests_per_actor)

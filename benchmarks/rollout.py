@@ -12,6 +12,7 @@ Both run the default job's model and sampling settings, alternately.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -23,7 +24,8 @@ from actors.generator import Generator, Prompt
 from benchmarks.common import VLLM_ENV, default_job_model, module_main, result, spread
 from buffer.actor import make_buffer_actor
 from buffer.config import BufferConfig
-from launch.data import load_prompts
+from launch.config import DataConfig
+from launch.data import load_prompts, prompt_format, render_prompts
 from transport.registry import make_transport
 
 MAX_MODEL_LEN = 64
@@ -41,15 +43,27 @@ class BareVLLM:
         """(response tokens, seconds) over the requests, one `LLM.generate` each, as the rollout actor issues them."""
         params = self.gen.sampling_params()
         token_prompts = [[{"prompt_token_ids": self.gen.encode(p)} for p in r]
-                         for r in requests]  # tokenising is outside the clock: the bare path starts from token ids
+                         for r in requests]  # the token ids the launcher rendered, as Relay's actor receives them
         t0 = time.perf_counter()
         outs = [self.gen.engine.llm.generate(tp, params, use_tqdm=False) for tp in token_prompts]
         elapsed = time.perf_counter() - t0
         return sum(len(c.token_ids) for batch in outs for o in batch for c in o.outputs), elapsed
 
 
-def make_requests(n_requests: int, prompts_per_request: int, offset: int = 0) -> list[list[Prompt]]:
-    prompts = load_prompts("synthetic:arithmetic").prompts
+@functools.lru_cache(maxsize=4)
+def launcher_prompts(model_path: str) -> list[Prompt]:
+    """The default job's prompts as the launcher hands them to actors: rendered once, at load, with the run's
+    tokenizer (launch/run_data.py), so a request carries its token ids and no actor tokenizes them again."""
+    from transformers import AutoTokenizer
+
+    data = DataConfig()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    max_len = MAX_MODEL_LEN - ActorConfig().max_tokens
+    return render_prompts(load_prompts(data.train, data), tokenizer, prompt_format(data), max_len, data.train).prompts
+
+
+def make_requests(model_path: str, n_requests: int, prompts_per_request: int, offset: int = 0) -> list[list[Prompt]]:
+    prompts = launcher_prompts(model_path)
     flat = [prompts[(offset + i) % len(prompts)] for i in range(n_requests * prompts_per_request)]
     return [flat[i : i + prompts_per_request] for i in range(0, len(flat), prompts_per_request)]
 
@@ -113,11 +127,11 @@ def run(quick: bool) -> dict:
     [relay] = start_actors(cfg, model_path, 1, buffer)
     bare = ray.remote(BareVLLM).options(num_cpus=cfg.num_cpus, runtime_env={"env_vars": VLLM_ENV}).remote(cfg, model_path)
     try:
-        warm = make_requests(1, cfg.prompts_per_request)
+        warm = make_requests(model_path, 1, cfg.prompts_per_request)
         relay_tokens_per_s([relay], warm), ray.get(bare.generate.remote(warm))  # first calls compile/allocate
         samples = []
         for k in range(repeats):
-            requests = make_requests(n_requests, cfg.prompts_per_request, offset=k * 7)
+            requests = make_requests(model_path, n_requests, cfg.prompts_per_request, offset=k * 7)
             order = ("relay", "bare") if k % 2 == 0 else ("bare", "relay")  # neither always goes first
             s, parts = {}, {}
             for which in order:

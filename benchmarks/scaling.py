@@ -34,13 +34,14 @@ def run(quick: bool) -> dict:
     cores = len(os.sched_getaffinity(0))
     cfg = ActorConfig(num_cpus=cores / max(counts))
     buffer = sink_buffer()
-    actors = start_actors(cfg, default_job_model(quick), max(counts), buffer)
+    model_path = default_job_model(quick)
+    actors = start_actors(cfg, model_path, max(counts), buffer)
     try:
-        relay_tokens_per_s(actors, make_requests(len(actors), cfg.prompts_per_request))  # warm every engine
+        relay_tokens_per_s(actors, make_requests(model_path, len(actors), cfg.prompts_per_request))  # warm every engine
         samples = []
         for k in range(repeats):
             for n in counts if k % 2 == 0 else counts[::-1]:
-                tokens, secs = relay_tokens_per_s(actors[:n], make_requests(n * requests_per_actor, cfg.prompts_per_request, k))
+                tokens, secs = relay_tokens_per_s(actors[:n], make_requests(model_path, n * requests_per_actor, cfg.prompts_per_request, k))
                 samples.append({"actors": n, "tokens_per_s": round(tokens / secs, 1), "tokens": tokens})
     finally:
         for a in (*actors, buffer):

@@ -5,7 +5,8 @@ Importing buffer does not import Ray; the Ray shell is buffer.actor.
 from buffer.config import BufferConfig
 from buffer.persist import BufferCorruptError
 from buffer.replay import ReplayBuffer
-from buffer.schema import ROLLOUT_SCHEMA, Rollout, missing_behaviour_logprobs, rollouts_from_arrow, rollouts_to_arrow
+from buffer.schema import (ROLLOUT_SCHEMA, Rollout, missing_behaviour_logprobs, rollout_batch, rollouts_from_arrow,
+                           rollouts_to_arrow)
 
 __all__ = [
     "ROLLOUT_SCHEMA",
@@ -14,6 +15,7 @@ __all__ = [
     "ReplayBuffer",
     "Rollout",
     "missing_behaviour_logprobs",
+    "rollout_batch",
     "rollouts_from_arrow",
     "rollouts_to_arrow",
 ]

@@ -60,37 +60,60 @@ class Rollout:
     data_source: str = ""  # which dataset/task the prompt came from: routes rewards, splits metrics, tags exports
 
     def __post_init__(self) -> None:
-        n_resp = len(self.token_ids) - self.prompt_len
-        if self.prompt_len < 0 or n_resp < 0:
-            raise ValueError(f"rollout {self.rollout_id}: prompt_len {self.prompt_len} > {len(self.token_ids)} tokens")
-        if len(self.behaviour_logprobs) != n_resp:
-            raise ValueError(
-                f"rollout {self.rollout_id}: {len(self.behaviour_logprobs)} behaviour log-probs for {n_resp} response tokens"
-            )
-        if not self.token_versions:
-            self.token_versions = [self.policy_version] * n_resp
-        elif len(self.token_versions) != n_resp:
-            raise ValueError(f"rollout {self.rollout_id}: {len(self.token_versions)} token versions for {n_resp} tokens")
+        self.token_versions = checked_versions(self.rollout_id, len(self.token_ids), self.prompt_len,
+                                               len(self.behaviour_logprobs), self.token_versions, self.policy_version)
 
     @property
     def response_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len :]
 
 
-_FIELDS = [f.name for f in ROLLOUT_SCHEMA]
-assert sorted(_FIELDS) == sorted(f.name for f in dataclasses.fields(Rollout)), "schema and dataclass disagree"
+def checked_versions(rollout_id: str, n_tokens: int, prompt_len: int, n_logprobs: int, token_versions: list[int],
+                     policy_version: int) -> list[int]:
+    """What makes a row whole: a prompt within its tokens, one behaviour log-prob and one version per response
+    token. Returns the row's token versions, every token at `policy_version` when none are given."""
+    n_resp = n_tokens - prompt_len
+    if prompt_len < 0 or n_resp < 0:
+        raise ValueError(f"rollout {rollout_id}: prompt_len {prompt_len} > {n_tokens} tokens")
+    if n_logprobs != n_resp:
+        raise ValueError(f"rollout {rollout_id}: {n_logprobs} behaviour log-probs for {n_resp} response tokens")
+    if not token_versions:
+        return [policy_version] * n_resp
+    if len(token_versions) != n_resp:
+        raise ValueError(f"rollout {rollout_id}: {len(token_versions)} token versions for {n_resp} tokens")
+    return token_versions
+
+
+FIELDS = [f.name for f in ROLLOUT_SCHEMA]
+assert sorted(FIELDS) == sorted(f.name for f in dataclasses.fields(Rollout)), "schema and dataclass disagree"
+
+
+def rollout_batch(columns: dict[str, list]) -> pa.RecordBatch:
+    """Rows held as columns (one list per field of ROLLOUT_SCHEMA, row i at index i of each) to one record batch,
+    each row checked and completed as `Rollout` does it. For a writer that makes many rows at once (the generator):
+    a Rollout object per row, then taking the objects apart again into columns, cost the rollout path ~0.3 ms a
+    request."""
+    if sorted(columns) != sorted(FIELDS):
+        raise ValueError(f"rollout columns {sorted(columns)} are not the schema's {sorted(FIELDS)}")
+    if len({len(c) for c in columns.values()}) > 1:
+        raise ValueError(f"rollout columns of unequal lengths: { {k: len(c) for k, c in columns.items()} }")
+    versions = [checked_versions(rid, len(ids), p_len, len(lps), token_versions, version)
+                for rid, ids, p_len, lps, token_versions, version
+                in zip(columns["rollout_id"], columns["token_ids"], columns["prompt_len"],
+                       columns["behaviour_logprobs"], columns["token_versions"], columns["policy_version"])]
+    return pa.RecordBatch.from_pydict({**columns, "token_versions": versions}, schema=ROLLOUT_SCHEMA)
 
 
 def rollouts_to_arrow(rollouts: list[Rollout]) -> pa.RecordBatch:
     """Rows to one record batch against ROLLOUT_SCHEMA (raises on a type mismatch)."""
-    columns = {name: [getattr(r, name) for r in rollouts] for name in _FIELDS}
+    columns = {name: [getattr(r, name) for r in rollouts] for name in FIELDS}
     return pa.RecordBatch.from_pydict(columns, schema=ROLLOUT_SCHEMA)
 
 
 def rollouts_from_arrow(data: pa.RecordBatch | pa.Table) -> list[Rollout]:
     """A batch or table with ROLLOUT_SCHEMA back to rows."""
     if not data.schema.equals(ROLLOUT_SCHEMA):
-        data = data.select(_FIELDS).cast(ROLLOUT_SCHEMA)
+        data = data.select(FIELDS).cast(ROLLOUT_SCHEMA)
     return [Rollout(**row) for row in data.to_pylist()]
 
 

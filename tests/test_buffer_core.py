@@ -7,7 +7,8 @@ import pyarrow as pa
 import pydantic
 import pytest
 
-from buffer import BufferConfig, ReplayBuffer, rollouts_from_arrow, rollouts_to_arrow
+from buffer import BufferConfig, ReplayBuffer, rollout_batch, rollouts_from_arrow, rollouts_to_arrow
+from buffer.schema import FIELDS
 from buffer.testing import fake_batch, fake_group
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,6 +33,24 @@ def test_schema_round_trip():
     back = rollouts_from_arrow(rollouts_to_arrow(rows))
     assert back == rows
     assert back[0].token_versions == [5] * 8
+
+
+def test_rows_given_as_columns_make_the_batch_rollouts_make():
+    """The generator builds its batch from columns (rollout_batch), every other writer from Rollouts: one schema,
+    one set of row checks, and the same bytes either way."""
+    rows = fake_group("g0", group_size=3, policy_version=5) + fake_group("g1", group_size=3, response_len=2)
+    columns = {name: [getattr(r, name) for r in rows] for name in FIELDS}
+    columns["token_versions"] = [[] for _ in rows]  # left to the policy version, as a Rollout fills them
+    assert rollout_batch(columns).equals(rollouts_to_arrow(rows))
+    short = {**columns, "behaviour_logprobs": [lps[:-1] for lps in columns["behaviour_logprobs"]]}
+    with pytest.raises(ValueError, match="g0/0: 7 behaviour log-probs for 8 response tokens"):
+        rollout_batch(short)
+    with pytest.raises(ValueError, match="token versions"):
+        rollout_batch({**columns, "token_versions": [[1]] * len(rows)})
+    with pytest.raises(ValueError, match="schema"):
+        rollout_batch({k: v for k, v in columns.items() if k != "reward"})
+    with pytest.raises(ValueError, match="unequal"):
+        rollout_batch({**columns, "reward": columns["reward"][:-1]})
 
 
 def test_put_validates_schema():

@@ -59,6 +59,23 @@ def test_stop_strings_and_ids_reach_the_sampling_params():
     assert not gen.sampling_params().stop and not gen.sampling_params().stop_token_ids
 
 
+def test_sampled_logprobs_read_either_of_vllms_layouts_alike():
+    """The behaviour log-prob of each sampled token, from vLLM's flat layout (read as one list) or its per-position
+    dicts; a flat container holding more than the sampled entries is read position by position."""
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from actors.engines import sampled_logprobs
+
+    ids, values = [5, 3, 5], [-0.25, -1.5, -0.125]
+    per_position = [{tok: Logprob(v, 1)} for tok, v in zip(ids, values)]
+    flat = FlatLogprobs()
+    flat.extend(per_position)
+    assert sampled_logprobs(ids, per_position) == values and sampled_logprobs(ids, flat) == values
+    wider = FlatLogprobs()  # top-2 at each position, the sampled token listed second
+    wider.extend([{9: Logprob(-0.01, 1), tok: Logprob(v, 2)} for tok, v in zip(ids, values)])
+    assert sampled_logprobs(ids, wider) == values
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"actors.tensor_parallel_size": 2}, r"'actors.tensor_parallel_size': 2 needs GPUs.*actors.num_gpus is 0"),
     ({"actors.tensor_parallel_size": 2, "actors.num_gpus": 0.5}, r"'actors.num_gpus': 0.5 .* set actors.num_gpus 1"),
