@@ -24,8 +24,8 @@ from actors.generator import Generator, Prompt
 from benchmarks.common import VLLM_ENV, default_job_model, module_main, result, spread
 from buffer.actor import make_buffer_actor
 from buffer.config import BufferConfig
-from launch.config import DataConfig
-from launch.data import load_prompts, prompt_format, render_prompts
+from launch.config import load_config
+from launch.run_data import prepare_prompts
 from transport.registry import make_transport
 
 MAX_MODEL_LEN = 64
@@ -52,14 +52,10 @@ class BareVLLM:
 
 @functools.lru_cache(maxsize=4)
 def launcher_prompts(model_path: str) -> list[Prompt]:
-    """The default job's prompts as the launcher hands them to actors: rendered once, at load, with the run's
-    tokenizer (launch/run_data.py), so a request carries its token ids and no actor tokenizes them again."""
-    from transformers import AutoTokenizer
-
-    data = DataConfig()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    max_len = MAX_MODEL_LEN - ActorConfig().max_tokens
-    return render_prompts(load_prompts(data.train, data), tokenizer, prompt_format(data), max_len, data.train).prompts
+    """The default job's prompts as the launcher hands them to actors (`launch.run_data.prepare_prompts`: rendered
+    once, at load, with the run's tokenizer), so a request carries its token ids and no actor tokenizes them again."""
+    cfg = load_config("configs/default.yaml", {"model.max_model_len": MAX_MODEL_LEN})
+    return prepare_prompts(cfg, model_path).train.prompts
 
 
 def make_requests(model_path: str, n_requests: int, prompts_per_request: int, offset: int = 0) -> list[list[Prompt]]:

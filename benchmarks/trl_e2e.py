@@ -131,18 +131,17 @@ def run_relay(model_path: str, steps: int, overrides: dict | None = None) -> dic
             "max_staleness": cfg.buffer.max_staleness, "parts": relay_parts(records, times)}
 
 
-# Relay's knobs in each comparison (the job is the same: model, task, group, lengths, lr). The second row runs both
+# Relay's knobs for the bf16 row (the job is the same in both: model, task, group, lengths, lr). That row runs both
 # sides in bf16: TRL's bf16=True (fp32 weights, training and generation under bf16 autocast) against Relay's learner
 # under bf16 autocast (fp32 weights) and its vLLM engine in bf16; it is reported beside the fp32 headline. The
 # learner keeps one thread (learner.num_threads unset): two lost in both precisions (README, e2e_vs_trl_grpo).
-RELAY_KNOBS: dict = {}
 BF16_KNOBS = {"learner.autocast_bf16": True, "actors.dtype": "bfloat16"}
 PRECISIONS = (("e2e_vs_trl_grpo", False, 2.0), ("e2e_vs_trl_grpo_bf16", True, None))
 
 
 def compare(name: str, bf16: bool, target: float | None, model_path: str, params: int, steps: tuple[int, int]) -> dict:
     relay_steps, trl_steps = steps
-    knobs = RELAY_KNOBS | (BF16_KNOBS if bf16 else {})
+    knobs = BF16_KNOBS if bf16 else {}
     relay = run_relay(model_path, relay_steps, knobs)
     trl = run_trl(model_path, trl_steps, bf16)
     trl["parts"] = trl_parts(trl)
