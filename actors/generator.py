@@ -47,7 +47,6 @@ class GenerationResult:
     gen_s: float
     load_s: float  # time spent applying new weights before sampling (0 if none)
     skipped: dict[str, int]  # reason -> groups
-    put: Any = None  # ObjectRef of the buffer's put of `batch` (groups stored, -1 for a refused duplicate)
     reward_faults: dict[str, int] = field(default_factory=dict)  # samples scored 0 because the reward failed, by reason
     samples: list[dict] = field(default_factory=list)  # a few decoded rows (prompt as the model saw it, response, ...)
     judge_work: list[JudgeWork] = field(default_factory=list)  # groups left to the judge service (reward 0 so far)

@@ -1,8 +1,9 @@
 """The judge service: one supervising Ray actor (asyncio) holding a pool of judge actors per named model.
 
-Rollout actors hand it a request's unscored groups (`submit`) and go on sampling; it scores them on the pools, fills
-the rewards into the request's record batch and puts it to the buffer under the request id, so its answer is the
-request's acknowledgement exactly as the buffer's own put would be. Evaluation calls `score` and waits.
+A request's rows come here instead of to the buffer (`put_rows`, submitted by the launcher with the request; the
+rollout actor returns its groups with the judged ones unscored and goes on sampling); it scores them on the pools,
+fills the rewards into the request's record batch and puts it to the buffer under the request id, so its answer is
+the request's acknowledgement exactly as the buffer's own `put_rows` would be. Evaluation calls `score` and waits.
 
 Supervision mirrors the rollout fleet (launch/fleet.py): a judge call that fails or overruns `timeout_s` kills that
 actor, starts a replacement in its slot (`<name>-<slot>.r<k>`) and scores the chunk again on whichever actor is free
@@ -25,6 +26,7 @@ import ray
 
 from actors.judge import Group, Judge, JudgeWork, Scored
 from actors.reward_config import RewardModelConfig
+from buffer.schema import RequestRows
 
 
 class JudgeFailedError(RuntimeError):
@@ -219,10 +221,13 @@ class JudgeService:
         self.faults.update(why for g in out for _, why in g if why)
         return out
 
-    async def submit(self, batch: pa.RecordBatch, work: list[JudgeWork], request_id: str,
-                     skipped: dict[str, int] | None = None) -> int:
-        """Score the request's pending groups, then put the batch to the buffer under `request_id`: the buffer's
-        answer (groups stored; -1 for a request already stored) is returned, as the buffer's own put returns."""
+    async def put_rows(self, rows: RequestRows, request_id: str) -> int:
+        """Score the request's pending groups (`rows.judge_work`), then put its rows to the buffer under
+        `request_id`: the buffer's answer (groups stored; -1 for a request already stored) is returned, as the
+        buffer's own `put_rows` returns. Rows no judge scores go straight on."""
+        if not rows.judge_work:
+            return await self.buffer.put_rows.remote(rows, request_id)
+        batch, work, skipped = rows.batch, rows.judge_work, rows.skipped
         if request_id in self.scoring:  # a re-issued copy while the first is being scored: that one answers
             await asyncio.shield(self.scoring[request_id])
             self.counts.update(duplicates_refused=1)

@@ -94,9 +94,13 @@ class Reward:
             if len(out) != len(responses):
                 raise RewardLengthError(f"{len(out)} scores for {len(responses)} responses")
             return out
+        return [self.one(p, r) for p, r in zip(prompts, responses)]
+
+    def one(self, prompt: Prompt, response: str) -> float:
+        """A per-sample reward's raw score of one sample."""
         if not self.names:
-            return [self.fn(r, p.answer) for p, r in zip(prompts, responses)]
-        return [self.fn(**{n: _value(PER_SAMPLE[n], p, r) for n in self.names}) for p, r in zip(prompts, responses)]
+            return self.fn(response, prompt.answer)
+        return self.fn(**{n: _value(PER_SAMPLE[n], prompt, response) for n in self.names})
 
 
 class RewardLengthError(ValueError):
@@ -244,7 +248,7 @@ def _safe(reward: Reward, prompts: list[Prompt], responses: list[str]) -> list[t
 def safe_reward(reward: Reward, prompt: Prompt, response: str) -> tuple[float, str]:
     """One sample's score, turning an exception or a non-finite value into 0.0 with the reason recorded."""
     try:
-        value = reward([prompt], [response])[0]
+        value = reward([prompt], [response])[0] if reward.batched else reward.one(prompt, response)
     except Exception as exc:  # user code: any failure is bad data, counted, not fatal
         return 0.0, f"reward_error:{type(exc).__name__}"
     return _finite(value)

@@ -52,7 +52,7 @@ def measure_sync(mode: str, model_path: str, repeats: int) -> list[dict]:
     rank = ray.remote(PublishingRank).options(
         num_cpus=1, max_concurrency=2, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
     ).remote(_learner_config(mode, 8), model_path, 8, 1.0, 0, 1, "127.0.0.1", free_port(), transport)
-    actor = make_rollout_actor(ActorConfig(), 0, model_path=model_path, max_model_len=MAX_MODEL_LEN, buffer=None,
+    actor = make_rollout_actor(ActorConfig(), 0, model_path=model_path, max_model_len=MAX_MODEL_LEN,
                                transport=transport, fetch_timeout_s=120,
                                adapter_rank=RANK if mode == "lora_adapter" else None)
     try:

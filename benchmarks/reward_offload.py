@@ -27,7 +27,7 @@ from pathlib import Path
 
 import ray
 
-from actors.actor import make_rollout_actor
+from actors.actor import make_rollout_actor, start_request
 from actors.config import ActorConfig
 from actors.reward_config import RewardModelConfig
 from benchmarks.common import CACHE, default_job_model, module_main, result, spread
@@ -58,22 +58,27 @@ def build_bench_judge(hidden: int, layers: int, cache: Path = CACHE) -> str:
     return str(out)
 
 
-def drive(actor, requests: list, depth: int) -> dict:
-    """Samples, wall seconds (until every put is acknowledged) and seconds spent sampling, over the requests."""
+def drive(actor, sink, requests: list, depth: int) -> dict:
+    """Samples, wall seconds (until `sink` acknowledged every put) and seconds spent sampling, over the requests."""
     t0 = time.perf_counter()
     pending, inflight, acks = list(requests), {}, []
     samples = sampling = 0.0
+
+    def submit():
+        ref, ack = start_request(actor, sink, pending.pop(0), None, f"bench-{time.monotonic_ns()}")
+        inflight[ref] = True
+        acks.append(ack)
+
     for _ in range(min(depth, len(pending))):
-        inflight[actor.generate.remote(pending.pop(0), None, f"bench-{time.monotonic_ns()}")] = True
+        submit()
     while inflight:
         [ref], _ = ray.wait(list(inflight), num_returns=1)
         del inflight[ref]
         res = ray.get(ref)
         samples += res.groups * ActorConfig().n
         sampling += res.gen_s - res.score_s
-        acks.append(res.put)
         if pending:
-            inflight[actor.generate.remote(pending.pop(0), None, f"bench-{time.monotonic_ns()}")] = True
+            submit()
     generating = time.perf_counter() - t0  # the actor's part: after this it holds no request
     stored = ray.get(acks)
     assert all(s >= 0 for s in stored), stored  # every request reached the buffer once
@@ -94,21 +99,22 @@ def run(quick: bool) -> dict:
     buffer = sink_buffer()
     service = make_judge_service({"rm": (judge_cfg, judge_path)}, buffer, None, startup_timeout_s=600)
     ray.get(service.start.remote(), timeout=600)
-    common = dict(model_path=model_path, max_model_len=MAX_MODEL_LEN, buffer=buffer,
+    common = dict(model_path=model_path, max_model_len=MAX_MODEL_LEN,
                   transport=make_transport("object_store", ""), fetch_timeout_s=600)
     actors = {"service": make_rollout_actor(cfg, "gen-service", judges=service, **common),
               "inline": make_rollout_actor(cfg, "gen-inline", local_judges={"rm": (judge_cfg, judge_path)}, **common)}
     try:
         ray.get([a.version.remote() for a in actors.values()])  # engines (and the inline judge) up first
         warm = make_requests(model_path, 1, cfg.prompts_per_request)
-        for a in actors.values():
-            drive(a, warm, 1)  # first calls compile/allocate
+        sinks = {"service": service, "inline": buffer}  # the service scores, then puts; inline rows are scored
+        for which, a in actors.items():
+            drive(a, sinks[which], warm, 1)  # first calls compile/allocate
         samples = []
         for k in range(repeats):
             requests = make_requests(model_path, n_requests, cfg.prompts_per_request, offset=k * 7)
             s = {}
             for which in (("service", "inline") if k % 2 == 0 else ("inline", "service")):
-                out = drive(actors[which], requests, cfg.requests_per_actor)
+                out = drive(actors[which], sinks[which], requests, cfg.requests_per_actor)
                 s[which] = round(out["samples"] / out["wall_s"], 1)
                 s[f"{which}_wall_s"], s[f"{which}_idle"] = round(out["wall_s"], 3), round(out["idle"], 3)
                 s[f"{which}_ack_tail_s"] = round(out["ack_tail_s"], 3)

@@ -2,7 +2,8 @@
 
 Relay's path is everything a request costs: the Ray call, sampling with
 behaviour log-probs, scoring, the Arrow record batch and the buffer insert
-(acknowledged), timed from the driver, with as many requests queued per actor
+(acknowledged; submitted with the request, as the launcher does:
+`actors.actor.start_request`), timed from the driver, with as many requests queued per actor
 as the launcher keeps (`actors.requests_per_actor`). The baseline is the same engine's `LLM.generate` on the
 same token prompts and `SamplingParams`, timed inside its own actor (so no Ray
 call is in it), in an actor with the same CPU reservation and environment.
@@ -18,7 +19,7 @@ import time
 
 import ray
 
-from actors.actor import make_rollout_actor
+from actors.actor import make_rollout_actor, start_request
 from actors.config import ActorConfig
 from actors.generator import Generator, Prompt
 from benchmarks.common import VLLM_ENV, default_job_model, module_main, result, spread
@@ -70,15 +71,15 @@ def sink_buffer():
     return make_buffer_actor(cfg, groups_per_step=1, run_dir=None)
 
 
-def start_actors(cfg: ActorConfig, model_path: str, count: int, buffer, transport=None) -> list:
+def start_actors(cfg: ActorConfig, model_path: str, count: int, transport=None) -> list:
     transport = transport or make_transport("object_store", "")
-    actors = [make_rollout_actor(cfg, i, model_path=model_path, max_model_len=MAX_MODEL_LEN, buffer=buffer,
+    actors = [make_rollout_actor(cfg, i, model_path=model_path, max_model_len=MAX_MODEL_LEN,
                                  transport=transport, fetch_timeout_s=120) for i in range(count)]
     ray.get([a.version.remote() for a in actors])  # engines up before any clock starts
     return actors
 
 
-def relay_tokens_per_s(actors: list, requests: list[list[Prompt]], parts: dict | None = None,
+def relay_tokens_per_s(actors: list, buffer, requests: list[list[Prompt]], parts: dict | None = None,
                        depth: int = ActorConfig().requests_per_actor) -> tuple[int, float]:
     """(tokens, seconds) for the requests spread over the actors, each actor holding up to `depth` of its share
     at a time as the launcher does (`actors.requests_per_actor`), until the buffer acknowledged every put (as the
@@ -90,19 +91,22 @@ def relay_tokens_per_s(actors: list, requests: list[list[Prompt]], parts: dict |
     ids = iter(range(10**9))
     inflight = {}
 
+    acks = []
+
     def submit(actor):
-        inflight[actor.generate.remote(pending[actor].pop(0), None, f"bench-{next(ids)}")] = actor
+        ref, ack = start_request(actor, buffer, pending[actor].pop(0), None, f"bench-{next(ids)}")
+        inflight[ref] = actor
+        acks.append(ack)
 
     for a in actors:
         for _ in range(min(depth, len(pending[a]))):
             submit(a)
-    tokens, acks = 0, []
+    tokens = 0
     while inflight:
         [ref], _ = ray.wait(list(inflight), num_returns=1)
         actor = inflight.pop(ref)
         res = ray.get(ref)
         tokens += res.tokens
-        acks.append(res.put)
         if parts is not None:
             parts["gen_s"] = parts.get("gen_s", 0.0) + res.gen_s
         if pending[actor]:
@@ -121,18 +125,18 @@ def run(quick: bool) -> dict:
     cfg = ActorConfig()  # the default job's sampling: n=8, 16 prompts per request, max 8 tokens, temperature 1
     model_path = default_job_model(quick)
     buffer = sink_buffer()
-    [relay] = start_actors(cfg, model_path, 1, buffer)
+    [relay] = start_actors(cfg, model_path, 1)
     bare = ray.remote(BareVLLM).options(num_cpus=cfg.num_cpus, runtime_env={"env_vars": VLLM_ENV}).remote(cfg, model_path)
     try:
         warm = make_requests(model_path, 1, cfg.prompts_per_request)
-        relay_tokens_per_s([relay], warm), ray.get(bare.generate.remote(warm))  # first calls compile/allocate
+        relay_tokens_per_s([relay], buffer, warm), ray.get(bare.generate.remote(warm))  # first calls compile/allocate
         samples = []
         for k in range(repeats):
             requests = make_requests(model_path, n_requests, cfg.prompts_per_request, offset=k * 7)
             order = ("relay", "bare") if k % 2 == 0 else ("bare", "relay")  # neither always goes first
             s, parts = {}, {}
             for which in order:
-                tokens, secs = relay_tokens_per_s([relay], requests, parts) if which == "relay" else ray.get(bare.generate.remote(requests))
+                tokens, secs = relay_tokens_per_s([relay], buffer, requests, parts) if which == "relay" else ray.get(bare.generate.remote(requests))
                 s[which] = round(tokens / secs, 1)
                 s[f"{which}_tokens"] = tokens
                 s[f"{which}_s"] = round(secs, 4)

@@ -35,13 +35,13 @@ def run(quick: bool) -> dict:
     cfg = ActorConfig(num_cpus=cores / max(counts))
     buffer = sink_buffer()
     model_path = default_job_model(quick)
-    actors = start_actors(cfg, model_path, max(counts), buffer)
+    actors = start_actors(cfg, model_path, max(counts))
     try:
-        relay_tokens_per_s(actors, make_requests(model_path, len(actors), cfg.prompts_per_request))  # warm every engine
+        relay_tokens_per_s(actors, buffer, make_requests(model_path, len(actors), cfg.prompts_per_request))  # warm every engine
         samples = []
         for k in range(repeats):
             for n in counts if k % 2 == 0 else counts[::-1]:
-                tokens, secs = relay_tokens_per_s(actors[:n], make_requests(model_path, n * requests_per_actor, cfg.prompts_per_request, k))
+                tokens, secs = relay_tokens_per_s(actors[:n], buffer, make_requests(model_path, n * requests_per_actor, cfg.prompts_per_request, k))
                 samples.append({"actors": n, "tokens_per_s": round(tokens / secs, 1), "tokens": tokens})
     finally:
         for a in (*actors, buffer):

@@ -87,7 +87,7 @@ def measure(transport_name: str, model_path: str, repeats: int, copy_bytes: int)
         num_cpus=1, max_concurrency=2,  # as make_learner_ranks: the store copy runs on a second thread
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
     ).remote(lcfg, model_path, 8, 1.0, 0, 1, "127.0.0.1", free_port(), transport)
-    [actor] = start_actors(ActorConfig(), model_path, 1, buffer=None, transport=transport)
+    [actor] = start_actors(ActorConfig(), model_path, 1, transport=transport)
     try:
         ray.get(rank.node_ip.remote())
         for _ in range(3):  # first loads allocate (shared memory: the two slots the versions alternate between); not timed

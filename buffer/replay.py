@@ -20,6 +20,7 @@ from buffer.config import BufferConfig
 from buffer.groups import GroupAssembler, GroupEntry, advantage_score, as_rollout_batch, split_groups
 from buffer.limits import Admission, RateLimiter, RateMeter
 from buffer.rollout_log import RolloutLog
+from buffer.schema import RequestRows
 
 DROP_REASONS = ("stale_at_put", "stale_at_sample", "evicted_unsampled")
 FILTER_REASONS = ("zero_variance",)  # buffer.filter values that drop groups (counted as filtered_<reason>)
@@ -120,6 +121,14 @@ class ReplayBuffer:
                 self._requests[request_id] = {"stored": stored, "skipped": dict(skipped or {}), "filtered": filtered}
             self._cond.notify_all()
         return stored
+
+    def put_rows(self, rows: RequestRows, request_id: str, timeout: float | None = None) -> int:
+        """`put` of one rollout request's rows (`RequestRows`, which a rollout actor returns and the launcher hands
+        on here by reference: the rows travel from the actor to this buffer, not through the launcher)."""
+        if rows.judge_work:
+            raise ValueError(f"request {request_id}: {len(rows.judge_work)} judge(s) have not scored its rows yet; "
+                             "send it through the judge service")
+        return self.put(rows.batch, timeout, request_id, rows.skipped)
 
     def has_request(self, request_id: str) -> bool:
         """Whether a put carrying request_id was recorded (the launcher asks before re-issuing one)."""

@@ -104,6 +104,33 @@ def rollout_batch(columns: dict[str, list]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict({**columns, "token_versions": versions}, schema=ROLLOUT_SCHEMA)
 
 
+@dataclass
+class RequestRows:
+    """What one rollout request hands on to be stored: its whole groups as one record batch (None when every group
+    was skipped), the groups it skipped by reason (the request's ledger entry), and the groups a judge service must
+    score first (`actors.judge.JudgeWork`, opaque here: the buffer refuses rows that still wait for a judge)."""
+
+    batch: pa.RecordBatch | None
+    skipped: dict[str, int] = field(default_factory=dict)
+    judge_work: list = field(default_factory=list)
+
+    def __reduce__(self):
+        # the batch as one Arrow IPC buffer, read back zero-copy: pickling the RecordBatch itself hands Ray one
+        # buffer per column buffer (28 for a request), which cost the rollout actor more than the bytes do
+        return _request_rows, (None if self.batch is None else ipc_buffer(self.batch), self.skipped, self.judge_work)
+
+
+def ipc_buffer(batch: pa.RecordBatch) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue()
+
+
+def _request_rows(buffer: pa.Buffer | None, skipped: dict[str, int], judge_work: list) -> RequestRows:
+    return RequestRows(None if buffer is None else pa.ipc.open_stream(buffer).read_next_batch(), skipped, judge_work)
+
+
 def rollouts_to_arrow(rollouts: list[Rollout]) -> pa.RecordBatch:
     """Rows to one record batch against ROLLOUT_SCHEMA (raises on a type mismatch)."""
     columns = {name: [getattr(r, name) for r in rollouts] for name in FIELDS}

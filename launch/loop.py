@@ -4,8 +4,8 @@ An event loop over Ray futures (launch/calls.py): admission, generation, the buf
 put, learner steps, evaluation and actor start-up are calls with deadlines behind one `ray.wait`, so nothing
 on the hot path blocks on one actor. The learner steps whenever it is idle (its batch is an ObjectRef of the
 buffer's sample, resolved in the learner, never here); idle rollout actors get admitted requests with the
-newest weight handle and apply it at their next request, so the learner never waits for them. An actor sends
-its groups to the buffer itself and returns without waiting for the put (the launcher waits for the ack).
+newest weight handle and apply it at their next request, so the learner never waits for them. A request's put is
+submitted with it (`actors.actor.start_request`): rows go actor -> buffer, the launcher owns and waits for the ack.
 
 Runs stay alive and honest: a dead or overdue rollout actor is replaced and its request re-issued under the same
 id unless the buffer recorded it; the fleet follows control.json; `--resume` continues exactly; a ledger counts all.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import ray
 
+from actors.actor import start_request
 from actors.generator import GenerationResult
 from launch import checkpoint
 from launch.calls import Call, Calls
@@ -89,8 +90,8 @@ class Launcher:
             req = self.state.requests[self.queue.popleft()]
             req.actor, req.generator_id = i, self.fleet.slots[i].generator_id
             req.attempts, req.offered_version = req.attempts + 1, self.policy_version
-            ref = self.fleet.busy(i).generate.remote(req.prompts, self.handle, req.id)
-            self.calls.add(ref, "generate", self.cfg.ray.rpc_timeout_s, req)
+            ref, ack = start_request(self.fleet.busy(i), self.parts.rows_sink, req.prompts, self.handle, req.id)
+            self.calls.add(ref, "generate", self.cfg.ray.rpc_timeout_s, (req, ack))
 
     def _admission_may_open(self) -> bool:
         """After a refusal, ask again once the learner stepped or groups were given back (the buffer also frees
@@ -124,24 +125,25 @@ class Launcher:
             self.refused_at = call.data  # what the buffer was told when it said no
 
     def _on_generate(self, ref, call: Call) -> None:
-        req: Request = call.data
+        req, ack = call.data
         try:
             result: GenerationResult = ray.get(ref)
         except ray.exceptions.RayError as exc:
-            return self._generation_failed(req, exc)
+            return self._generation_failed(req, ack, exc)
         if self.fleet.holds(req.actor, req.generator_id):  # else: it was replaced meanwhile, its work still counts
             self.fleet.on_success(req.actor, result.version, req.offered_version)
-        self.calls.add(result.put, "ack", self.cfg.ray.rpc_timeout_s, (req, result))
+        self.calls.add(ack, "ack", self.cfg.ray.rpc_timeout_s, (req, result))
 
     def _on_ack(self, ref, call: Call) -> None:
         req, result = call.data
         try:
             stored = ray.get(ref)
-        except ray.exceptions.RayError as exc:  # the actor that made the put died and took its answer with it
+        except ray.exceptions.RayError as exc:  # no rows (the generation failed), or the answer was lost
             self.parts.judge_failure(exc)  # or the judge service gave up on a judge: that stops the run
             return self._ask_recorded(req, result)
         self._close(req, result if stored >= 0 else None)  # < 0: a copy of this request was already stored
-        self.releases += 0 <= stored < result.groups  # the buffer gave slots back (stale, filtered): admit again now
+        if result is not None:  # the buffer gave slots back (stale, filtered): admit again now
+            self.releases += 0 <= stored < result.groups
 
     def _ask_recorded(self, req: Request, result: GenerationResult | None) -> None:
         self.calls.add(self.buffer.has_request.remote(req.id), "recorded", self.cfg.ray.rpc_timeout_s, (req, result))
@@ -167,15 +169,15 @@ class Launcher:
         self.throughput.add(result.groups * self.cfg.actors.n, result.tokens, result.gen_s)
         self.last_load_s = result.load_s or self.last_load_s
 
-    def _generation_failed(self, req: Request, error: BaseException) -> None:
-        """Replace the actor, then re-issue its request unless the buffer recorded it (its put may have landed)."""
+    def _generation_failed(self, req: Request, ack, error: BaseException) -> None:
+        """Replace the actor, then re-issue its request unless its put landed (the ack says, or else the buffer)."""
         if self.parts.push_backend is not None:  # the generators joined the transfer group at start
             raise RuntimeError(f"rollout actor {req.generator_id} failed ({error}); with "
                                f"weights.transport={self.cfg.weights.transport} the fleet is fixed at start, so it "
                                "cannot be replaced: use object_store or disk for restartable generators") from error
         if self.fleet.holds(req.actor, req.generator_id):  # its other queued requests fail the same way: once
             self.fleet.on_failure(req.actor, error)  # raises after actors.max_failures in a row
-        self._ask_recorded(req, None)
+        self.calls.add(ack, "ack", self.cfg.ray.rpc_timeout_s, (req, None))
 
     def _on_learn(self, ref, call: Call) -> dict:
         try:
@@ -227,8 +229,8 @@ class Launcher:
     def _on_overdue(self, ref, call: Call) -> None:
         late = f"unanswered after {call.deadline - call.since:.0f}s"
         if call.kind == "generate":
-            req, limit = call.data, self.cfg.ray.rpc_timeout_s
-            self._generation_failed(req, TimeoutError(
+            (req, ack), limit = call.data, self.cfg.ray.rpc_timeout_s
+            self._generation_failed(req, ack, TimeoutError(
                 f"rollout actor {req.generator_id}: request {req.id} unanswered after ray.rpc_timeout_s={limit:g}s"))
         elif call.kind in ("ready", "evaluate"):  # a stuck engine: replace it (unless that happened already)
             index, generator_id = call.data[0], call.data[-1]

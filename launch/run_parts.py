@@ -90,10 +90,16 @@ class RunParts:
         resumed = adapter and weights != self.model_path
         return make_rollout_actor(
             self.cfg.actors, generator_id, placement, model_path=self.model_path if adapter else weights,
-            max_model_len=self.cfg.model.max_model_len, buffer=self.buffer, transport=self.transport,
+            max_model_len=self.cfg.model.max_model_len, transport=self.transport,
             fetch_timeout_s=self.cfg.weights.timeout_s, version=version, weight_transfer_backend=self.push_backend,
             adapter_rank=L.lora.rank if adapter else None,
             initial_adapter=str(Path(weights) / "adapter") if resumed else None, judges=self.judges)
+
+    @property
+    def rows_sink(self):
+        """Where a request's rows go to be stored: the judge service when judges score rewards (it scores the
+        groups they judge, then puts them), else the buffer."""
+        return self.judges if self.judges is not None else self.buffer
 
     def judge_failure(self, error: BaseException) -> None:
         judge_failure(error, self.judges)  # raises if the judges cannot score any more

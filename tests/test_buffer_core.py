@@ -8,7 +8,7 @@ import pydantic
 import pytest
 
 from buffer import BufferConfig, ReplayBuffer, rollout_batch, rollouts_from_arrow, rollouts_to_arrow
-from buffer.schema import FIELDS
+from buffer.schema import FIELDS, RequestRows
 from buffer.testing import fake_batch, fake_group
 
 pytestmark = pytest.mark.timeout(60)
@@ -59,6 +59,21 @@ def test_put_validates_schema():
     with pytest.raises(ValueError, match="reward"):
         buf.put(batch.drop_columns(["reward"]))
     assert buf.put(pa.Table.from_batches([batch])) == 1  # a table is accepted too
+
+
+def test_put_rows_stores_a_request_once_and_refuses_rows_a_judge_has_not_scored():
+    """What a rollout request hands on (`RequestRows`, the actor's second return value): stored under its request id
+    with its skips in the ledger, a second copy refused; rows still waiting for a judge never enter."""
+    buf = ReplayBuffer(BufferConfig(), groups_per_step=1)
+    assert buf.put_rows(RequestRows(fake_batch(["a", "b"]), {"prompt_empty": 1}), "r0") == 2
+    assert buf.put_rows(RequestRows(fake_batch(["c"])), "r0") == -1  # a re-issued copy
+    assert buf.put_rows(RequestRows(None, {"prompt_too_long": 3}), "r1") == 0  # every group skipped
+    requests = buf.ledger()["requests"]
+    assert requests["r0"]["skipped"] == {"prompt_empty": 1} and requests["r1"] == {
+        "stored": 0, "skipped": {"prompt_too_long": 3}, "filtered": 0}
+    with pytest.raises(ValueError, match="judge"):
+        buf.put_rows(RequestRows(fake_batch(["d"]), {}, judge_work=["pending"]), "r2")
+    assert not buf.has_request("r2") and buf.stats()["size_groups"] == 2
 
 
 def test_incomplete_group_never_served():

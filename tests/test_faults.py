@@ -334,10 +334,11 @@ def _wait_dead(actor, timeout: float = 60.0) -> None:
 
 
 def test_actor_killed_between_its_put_and_the_acknowledgement(launcher_factory):
-    """A rollout actor returns as soon as it sent its groups to the buffer; the launcher waits for the put's
-    acknowledgement separately. Kill the actor right after its first request returned and its put landed, before
-    the launcher reads the acknowledgement: that request is counted once and never re-issued (whether Ray still
-    delivers the answer or the launcher has to ask the buffer), the actor is replaced, nothing is lost."""
+    """A rollout actor returns its rows; the put the launcher submitted with the request takes them to the buffer
+    and the launcher waits for its acknowledgement separately. Kill the actor right after its first request
+    returned and its put landed, before the launcher reads the acknowledgement: that request is counted once and
+    never re-issued (the acknowledgement belongs to the launcher, so it still arrives), the actor is replaced,
+    nothing is lost."""
     import ray
 
     launcher = launcher_factory("--learner.total_steps", "4", "--actors.num_actors", "1",
@@ -348,7 +349,8 @@ def test_actor_killed_between_its_put_and_the_acknowledgement(launcher_factory):
     def kill_after_first_return(ref, call):
         on_generate(ref, call)
         if not seen["killed"]:
-            req, actor = call.data, launcher.fleet.slots[call.data.actor].actor
+            req = call.data[0]
+            actor = launcher.fleet.slots[req.actor].actor
             deadline = time.monotonic() + 60
             while not ray.get(launcher.buffer.has_request.remote(req.id)):  # the put landed...
                 assert time.monotonic() < deadline, "the actor's put never reached the buffer"
@@ -374,18 +376,19 @@ def test_actor_killed_between_its_put_and_the_acknowledgement(launcher_factory):
     assert any(e["event"] == "actor_restarted" for e in _events(launcher.run_dir))
 
 
-def test_put_acknowledgement_lost_with_its_actor_is_recovered_from_the_buffer(tmp_path, tiny_model_dir):
-    """The case the launcher's fallback exists for: the actor dies while its put is still inside the buffer (held
-    by the samples-per-insert limiter here), so the put's answer, owned by the actor, is lost. The buffer still
-    stores the request once; `has_request` says so (the launcher then counts it and does not re-issue), and a
-    re-issued copy would be refused."""
+def test_a_put_held_by_the_buffer_outlives_its_actor(tmp_path, tiny_model_dir):
+    """The actor dies while its rows wait inside the buffer (held by the samples-per-insert limiter here). The put
+    was submitted by the caller with the request (`start_request`), so neither it nor its acknowledgement depends
+    on the actor: once the learner samples, the rows are stored once and the acknowledgement says so; a re-issued
+    copy is refused. (Before, the actor submitted the put and owned its answer, which died with it.)"""
     import ray
 
-    from actors.actor import make_rollout_actor
+    from actors.actor import make_rollout_actor, start_request
     from actors.config import ActorConfig
     from actors.generator import Prompt
     from buffer.actor import make_buffer_actor
     from buffer.config import BufferConfig
+    from buffer.schema import RequestRows
     from buffer.testing import fake_batch
 
     ray.init(num_cpus=2, include_dashboard=False)
@@ -394,18 +397,15 @@ def test_put_acknowledgement_lost_with_its_actor_is_recovered_from_the_buffer(tm
         buffer = make_buffer_actor(cfg, groups_per_step=1, run_dir=None)
         ray.get([buffer.put.remote(fake_batch([g])) for g in ("a", "b")])  # the limiter now holds the next put
         actor = make_rollout_actor(ActorConfig(n=2, max_tokens=4), "gen-put", model_path=tiny_model_dir,
-                                   max_model_len=64, buffer=buffer, transport=None, fetch_timeout_s=30)
-        result = ray.get(actor.generate.remote([Prompt("p", "1+2=", "3")], None, "req-x"), timeout=300)
-        assert not ray.get(buffer.has_request.remote("req-x"))  # held by the limiter
+                                   max_model_len=64, transport=None, fetch_timeout_s=30)
+        ref, ack = start_request(actor, buffer, [Prompt("p", "1+2=", "3")], None, "req-x")
+        result = ray.get(ref, timeout=300)
+        assert result.groups == 1 and result.batch is None  # the rows went on to the buffer, not back here
+        assert not ray.get(buffer.has_request.remote("req-x")) and not ray.wait([ack], timeout=0.5)[0]  # held
         ray.kill(actor, no_restart=True)
         _wait_dead(actor)
         assert ray.get(buffer.sample.remote(1, 0, timeout=10)) is not None  # the learner samples: the put proceeds
-        deadline = time.monotonic() + 30
-        while not ray.get(buffer.has_request.remote("req-x")):
-            assert time.monotonic() < deadline, "the dead actor's put never landed"
-            time.sleep(0.05)
-        with pytest.raises(ray.exceptions.RayError):  # its answer died with the actor that owned it
-            ray.get(result.put, timeout=30)
-        assert ray.get(buffer.put.remote(fake_batch(["late"]), None, "req-x")) == -1  # a re-issue is refused
+        assert ray.get(ack, timeout=30) == 1  # its answer outlived the actor
+        assert ray.get(buffer.put_rows.remote(RequestRows(fake_batch(["late"])), "req-x")) == -1  # a re-issue is refused
     finally:
         ray.shutdown()

@@ -211,7 +211,7 @@ def test_rollout_actor_applies_offered_weights_during_a_request(transport_name, 
     import ray
     from transformers import AutoModelForCausalLM
 
-    from actors.actor import make_rollout_actor
+    from actors.actor import make_rollout_actor, start_request
     from actors.generator import Prompt
     from buffer.actor import make_buffer_actor
     from buffer.config import BufferConfig
@@ -225,7 +225,7 @@ def test_rollout_actor_applies_offered_weights_during_a_request(transport_name, 
     cfg = ActorConfig(n=8, max_tokens=40, weight_update_mode="in_flight")
     transport = make_transport(transport_name, "")
     buffer = make_buffer_actor(BufferConfig(max_staleness=10), groups_per_step=len(PROMPTS), run_dir=None)
-    actor = make_rollout_actor(cfg, "inflight-ray", model_path=model_dir, max_model_len=64, buffer=buffer,
+    actor = make_rollout_actor(cfg, "inflight-ray", model_path=model_dir, max_model_len=64,
                                transport=transport, fetch_timeout_s=30)
     try:
         assert ray.get(actor.version.remote(), timeout=300) == 0
@@ -236,7 +236,7 @@ def test_rollout_actor_applies_offered_weights_during_a_request(transport_name, 
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         handle = transport.publish(1, dict(model.state_dict()))
-        request = actor.generate.remote([Prompt(*p) for p in PROMPTS], None, "req-0")
+        request, ack = start_request(actor, buffer, [Prompt(*p) for p in PROMPTS], None, "req-0")
         deadline = time.monotonic() + 60
         # a look into the actor on another of its threads, the one offer_weights is about to run on
         sampled = lambda a: sum(a.gen.engine.progress().values())  # noqa: E731  (by value, into the actor)
@@ -246,7 +246,7 @@ def test_rollout_actor_applies_offered_weights_during_a_request(transport_name, 
         offer_s = ray.get(actor.offer_weights.remote(handle), timeout=60)  # runs while generate is running
         assert offer_s > 0
         result = ray.get(request, timeout=120)
-        assert result.groups == len(PROMPTS) and result.load_s > 0 and ray.get(result.put, timeout=60) == len(PROMPTS)
+        assert result.groups == len(PROMPTS) and result.load_s > 0 and ray.get(ack, timeout=60) == len(PROMPTS)
         assert ray.get(actor.version.remote()) == 1
         rows = rollouts_from_arrow(ray.get(buffer.sample.remote(len(PROMPTS), 1, 10)))
         for r in rows:

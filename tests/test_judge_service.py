@@ -13,7 +13,7 @@ import pytest
 
 from actors.judge import Judge, JudgeWork
 from actors.reward_config import RewardModelConfig
-from buffer.schema import Rollout, rollouts_to_arrow
+from buffer.schema import RequestRows, Rollout, rollouts_to_arrow
 from tests.tiny_judge import build_judge
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,8 @@ def test_pool_replaces_killed_and_stuck_judges_and_scores_every_row_once(ray_loc
 
     _until(lambda: len(pids()) == 2)
     requests = [_request(k, groups=3, n=4) for k in range(R)]
-    refs = [service.submit.remote(batch, [work], f"req-{k}", {}) for k, (batch, work) in enumerate(requests)]
+    refs = [service.put_rows.remote(RequestRows(batch, {}, [work]), f"req-{k}")
+            for k, (batch, work) in enumerate(requests)]
     _until(lambda: ray.get(service.stats.remote())["models"]["rm"].get("chunks_scored", 0) >= 1)
     first, second = pids()[:2]
     os.kill(first, signal.SIGKILL)  # dead: its call fails at once
@@ -96,8 +97,13 @@ def test_pool_replaces_killed_and_stuck_judges_and_scores_every_row_once(ray_loc
             for text, (value, _) in zip(responses, scored):
                 assert got[text] == pytest.approx(value, abs=1e-4), text  # float32 column
     # a request already stored is not scored again
-    again = ray.get(service.submit.remote(requests[0][0], [requests[0][1]], "req-0", {}), timeout=60)
+    again = ray.get(service.put_rows.remote(RequestRows(requests[0][0], {}, [requests[0][1]]), "req-0"), timeout=60)
     assert again == -1 and ray.get(service.stats.remote())["duplicates_refused"] == 1
+    # rows no judge scores (another source's reward scored them in the actor) go straight on to the buffer
+    plain = _request(R, groups=2, n=4)[0]
+    assert ray.get(service.put_rows.remote(RequestRows(plain, {"prompt_too_long": 1}), "req-plain"), timeout=60) == 2
+    assert ray.get(buffer.ledger.remote())["requests"]["req-plain"]["skipped"] == {"prompt_too_long": 1}
+    assert ray.get(service.stats.remote())["requests_scored"] == R  # not scored by a judge
     # the pool resizes at run time (launch.scale's reward_actors)
     ray.get(service.scale.remote("rm", 3))
     _until(lambda: len(pids()) == 3)
@@ -113,7 +119,7 @@ def test_pool_replaces_killed_and_stuck_judges_and_scores_every_row_once(ray_loc
     from launch.judge_service import judge_failure
 
     with pytest.raises(ray.exceptions.RayActorError) as err:
-        ray.get(service.submit.remote(requests[1][0], [requests[1][1]], "req-new", {}), timeout=60)
+        ray.get(service.put_rows.remote(RequestRows(requests[1][0], {}, [requests[1][1]]), "req-new"), timeout=60)
     with pytest.raises(RuntimeError, match="the judge service died"):
         judge_failure(err.value, service)
     judge_failure(err.value, buffer)  # another actor's death: a lost request, re-issued (no raise)
@@ -150,7 +156,7 @@ def test_a_judge_that_fails_every_time_fails_the_request_naming_it(ray_local, tm
     batch, work = _request(0, groups=1, n=2)
     work.groups = [(CHAT, ["ok", 5])]  # a chunk the judge cannot render: its call raises every time
     with pytest.raises(Exception) as err:
-        ray.get(service.submit.remote(batch, [work], "req-x", {}), timeout=120)
+        ray.get(service.put_rows.remote(RequestRows(batch, {}, [work]), "req-x"), timeout=120)
     assert "judge rm-0.r1 failed 2 times in a row" in str(err.value) and "max_failures=2" in str(err.value)
     from launch.judge_service import judge_failure
 

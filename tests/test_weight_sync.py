@@ -226,7 +226,7 @@ def test_missed_version_is_skipped(tiny_model_dir, tmp_path):
 
     transport = _CountingDisk(str(tmp_path))
     actor = RolloutActor(ActorConfig(n=4, max_tokens=6, temperature=0.8, top_k=0), tiny_model_dir, "gen-skip",
-                         max_model_len=64, buffer=None, transport=transport, fetch_timeout_s=10.0)
+                         max_model_len=64, transport=transport, fetch_timeout_s=10.0)
     states = {v: _perturbed(tiny_model_dir, seed=100 + v) for v in (1, 2, 3)}
     handles = {1: transport.publish(1, states[1])}
     actor.sync(handles[1])
