@@ -120,8 +120,10 @@ def relay_tokens_per_s(actors: list, buffer, requests: list[list[Prompt]], parts
 
 def run(quick: bool) -> dict:
     """Interleaved repeats of both paths; value/baseline are median tokens/s."""
-    # 15 repeats: one repeat is ~0.3 s a side, and at 5 the paired ratios ranged 0.72-1.11 on an idle machine
-    n_requests, repeats = (2, 2) if quick else (8, 15)
+    # 16 requests a repeat: Relay's timing starts with an idle actor and ends with the last put's answer (~3 ms of
+    # pipeline fill and drain a repeat, which a run pays once, not every few requests; with 8 requests that was
+    # ~1.3% of Relay's time). 12 repeats: at 5 short ones the paired ratios ranged 0.72-1.11 on an idle machine
+    n_requests, repeats = (2, 2) if quick else (16, 12)
     cfg = ActorConfig()  # the default job's sampling: n=8, 16 prompts per request, max 8 tokens, temperature 1
     model_path = default_job_model(quick)
     buffer = sink_buffer()

@@ -229,10 +229,15 @@ class ReplayBuffer:
 
     def _evict_to_capacity(self) -> None:
         cap_bytes = self.cfg.capacity_bytes
-        while len(self._groups) > self.cfg.capacity_groups or (cap_bytes is not None and self._bytes > cap_bytes):
-            if len(self._groups) <= 1:  # one group larger than capacity_bytes is kept rather than lost
+
+        def over() -> bool:
+            return len(self._groups) > self.cfg.capacity_groups or (cap_bytes is not None and self._bytes > cap_bytes)
+
+        if not over():
+            return
+        for entry in sampler.eviction_order(list(self._groups.values()), self.cfg):
+            if not over() or len(self._groups) <= 1:  # one group larger than capacity_bytes is kept rather than lost
                 break
-            entry = sampler.victim(list(self._groups.values()), self.cfg)
             self._remove(entry)
             if entry.times_served == 0:
                 self._drop_unserved("evicted_unsampled", entry.offline)

@@ -153,6 +153,17 @@ def test_oldest_version_eviction_and_byte_capacity():
     assert sorted(group_ids(buf.sample(2, 3, timeout=1))) == ["mid", "new"]
 
 
+@pytest.mark.parametrize("eviction, kept", [("fifo", ["v1", "x", "y"]), ("oldest_version", ["v2", "x", "y"])])
+def test_one_put_evicting_several_groups_evicts_them_in_order(eviction, kept):
+    """A put that overflows by several groups evicts them in the eviction order (sorted once per put)."""
+    buf = ReplayBuffer(BufferConfig(capacity_groups=3, eviction=eviction, max_staleness=10), groups_per_step=1)
+    for gid, version in (("v2", 2), ("v0", 0), ("v1", 1)):
+        buf.put(fake_batch([gid], policy_version=version))
+    buf.put(fake_batch(["x", "y"], policy_version=3))  # two groups must leave
+    assert buf.stats()["drops_evicted_unsampled"] == 2
+    assert sorted(group_ids(buf.sample(3, 3, timeout=1))) == kept
+
+
 def test_drop_policy_counts_stale_groups():
     buf = ReplayBuffer(BufferConfig(staleness_policy="drop", max_staleness=1), groups_per_step=1)
     assert all(buf.try_admit(100, 0) for _ in range(3))  # no admission control under "drop"
