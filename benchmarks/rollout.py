@@ -34,10 +34,11 @@ MAX_MODEL_LEN = 64
 
 class BareVLLM:
     """The baseline: a Generator's own engine, called with `LLM.generate` and nothing around it, with vLLM's
-    own CPU weight layout (packed), so Relay's plain layout is part of what is compared."""
+    own CPU weight layout (packed; `layout` plain for benchmarks.rollout_parts), so Relay's plain layout is part of
+    what is compared."""
 
-    def __init__(self, cfg: ActorConfig, model_path: str):
-        cfg = cfg.model_copy(update={"cpu_weight_layout": "packed"})
+    def __init__(self, cfg: ActorConfig, model_path: str, layout: str = "packed"):
+        cfg = cfg.model_copy(update={"cpu_weight_layout": layout})
         self.gen = Generator(cfg, model_path, "gen-0", MAX_MODEL_LEN)  # same engine args and seed as Relay's actor 0
 
     def generate(self, requests: list[list[Prompt]]) -> tuple[int, float]:

@@ -37,6 +37,24 @@ def test_scaling_note_names_the_saturation_point():
 
 
 @pytest.mark.slow
+def test_rollout_parts_times_every_layer_on_the_same_requests():
+    """The diagnostic behind rollout_vs_bare_vllm's gap: every layer timed, the shares of the excess add up."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.rollout_parts", "--quick"], cwd=repo,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    from benchmarks.rollout_parts import LAYERS
+
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    ms = out["ms_per_request"]
+    assert list(ms) == list(LAYERS) and all(v > 0 for v in ms.values()), ms
+    assert len(out["samples_s"]["relay_path"]) == out["config"]["repeats"]
+    assert ms["engine_in_relay_request"] < ms["relay_generate"] < ms["relay_path"], ms  # each wraps the one before
+    if ms["relay_path"] > ms["bare_packed"]:
+        assert math.isclose(sum(out["share_of_excess"].values()), 1.0, rel_tol=1e-2), out
+
+
+@pytest.mark.slow
 def test_quick_run_writes_well_formed_json(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)], cwd=repo,
