@@ -60,7 +60,9 @@ def sampled_logprobs(token_ids, logprobs) -> list[float]:
     """(T,) each sampled token's log-prob, from vLLM's per-position entries (`SamplingParams(logprobs=0)`: the
     sampled token's own entry only). `flat_logprobs` output holds them as one flat list already, read as is; a
     per-position {token_id: Logprob} would cost a dict and an object per token."""
-    if not isinstance(logprobs, list) and logprobs.token_ids == list(token_ids):  # FlatLogprobs, one entry per position
+    from vllm.logprobs import FlatLogprobs
+
+    if isinstance(logprobs, FlatLogprobs) and logprobs.token_ids == list(token_ids):  # one entry per position
         return list(logprobs.logprobs)
     return [lp[tok].logprob for lp, tok in zip(logprobs, token_ids)]
 

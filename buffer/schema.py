@@ -117,10 +117,10 @@ class RequestRows:
     def __reduce__(self):
         # the batch as one Arrow IPC buffer, read back zero-copy: pickling the RecordBatch itself hands Ray one
         # buffer per column buffer (28 for a request), which cost the rollout actor more than the bytes do
-        return _request_rows, (None if self.batch is None else ipc_buffer(self.batch), self.skipped, self.judge_work)
+        return _request_rows, (None if self.batch is None else _ipc_buffer(self.batch), self.skipped, self.judge_work)
 
 
-def ipc_buffer(batch: pa.RecordBatch) -> pa.Buffer:
+def _ipc_buffer(batch: pa.RecordBatch) -> pa.Buffer:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
