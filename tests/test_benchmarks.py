@@ -94,3 +94,18 @@ def test_learner_memory_quick_rows_and_no_ray_vllm_or_pyarrow():
     for row in (memory, speed):
         assert row["value"] > 0 and row["baseline"] > 0 and row["ratio"] == pytest.approx(row["value"] / row["baseline"], rel=1e-2)
     assert samples[0]["relay_mfu"] > 0 and samples[0]["params"] > 151_936 * 64
+
+
+def test_plain_linear_quick_rows_agree_with_f_linear():
+    """The plain layout's matmul diagnostic: every tiny-model shape timed three ways, and the plain matmul (oneDNN
+    on the live weight where torch has it) gives F.linear's numbers."""
+    import torch
+
+    from benchmarks.plain_linear import SHAPES, run
+
+    out = run(quick=True)
+    assert set(out["shapes"]) == {k for k in SHAPES if k.startswith("tiny")}
+    for row in out["shapes"].values():
+        assert set(row["us"]) == {"packed", "plain", "f_linear"} and all(v > 0 for v in row["us"].values()), row
+        assert row["max_abs_diff_vs_f_linear"] < 1e-4, row
+    assert out["plain_matmul"] == ("_onednn_linear" if torch.backends.mkldnn.is_available() else "linear")

@@ -186,10 +186,17 @@ def _param_ptrs(worker) -> dict[str, int]:
     return {name: p.data_ptr() for name, p in worker.model_runner.get_model().named_parameters()}
 
 
+def _matmuls(worker) -> set[str]:
+    return {m.cpu_linear.__name__ for m in worker.model_runner.get_model().modules() if hasattr(m, "cpu_linear")}
+
+
 def test_plain_layout_copies_in_place_and_an_incomplete_version_is_refused(generator, tiny_model_dir):
     """The default CPU layout: an update writes into the memory the engine already reads (no re-created or
-    repacked layers), and a version that does not cover every parameter leaves the generator refusing to serve."""
+    repacked layers), and a version that does not cover every parameter leaves the generator refusing to serve.
+    Every linear layer, the LM head included, multiplies through oneDNN on its live weight (F.linear was ~2x slower
+    here, `benchmarks.plain_linear`)."""
     assert generator.engine.in_place
+    assert generator.engine.llm.collective_rpc(_matmuls)[0] == {"_onednn_linear"}
     before = generator.engine.llm.collective_rpc(_param_ptrs)[0]
     state = _perturbed(tiny_model_dir, seed=21)
     v = generator.version + 1

@@ -6,11 +6,14 @@ layerwise reload, which re-creates each layer's parameters, loads them and repac
 6-10x a copy of the same bytes (`create_onednn_mm` against `copy_`, one thread), and the whole reload took 0.3-0.8 s
 for a 100M-parameter model whose bytes copy in ~60 ms.
 
-With `actors.cpu_weight_layout: plain` the linear layers (and the tied or untied LM head) call
-`torch.nn.functional.linear` on their own weight, the fallback vLLM itself uses where oneDNN is missing; the
-parameters keep their weight loaders, and an update is the model's own `load_weights` copying each tensor (q/k/v and
-gate/up into their fused slices) into the memory the next forward reads. Per matmul torch and oneDNN were within
-0.8-1.7x of each other on this machine (`benchmarks.rollout` has the end-to-end comparison). GPUs are untouched.
+With `actors.cpu_weight_layout: plain` the linear layers (and the tied or untied LM head) multiply by their own
+weight, in PyTorch layout, through oneDNN (`torch.ops.mkldnn._linear_pointwise`, which reorders the weight inside
+each call; `F.linear`, vLLM's own fallback, where torch has no oneDNN path for the dtype); the parameters keep their
+weight loaders, and an update is the model's own `load_weights` copying each tensor (q/k/v and gate/up into their
+fused slices) into the memory the next forward reads. The price is the per-call reorder: one thread, fp32,
+`python -m benchmarks.plain_linear` measured 1.2-1.3x vLLM's packed matmul for the tiny model's layers at decode
+(F.linear: 2.2x) and 1.05x (prefill) to 1.8x (decode, LM head) for a 0.5B model's (F.linear: 2.3-3.6x).
+`benchmarks.rollout` has the end-to-end comparison. GPUs are untouched.
 """
 from __future__ import annotations
 
@@ -20,11 +23,25 @@ _packed_dispatch = None  # vLLM's own dispatch, kept for the layers this does no
 _plain = False  # the layout the engine this process builds (or reloads) next uses
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _plain_linear(dtype: torch.dtype):
+    """The matmul for a plain weight: oneDNN on the live weight where torch has it for the dtype (fp32 on this AMD
+    CPU: 1.7-3.1x faster than `F.linear`, whose MKL sgemm takes a slow path here; bf16: as fast, `F.linear` already
+    goes through oneDNN), else `F.linear`."""
+    bf16_ok = dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16) and bf16_ok:
+        return _onednn_linear
+    return torch.nn.functional.linear
+
+
 def _dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
     weight = layer.weight
     if not _plain or weight.is_meta or weight.ndim != 2:  # packed; missing layers, conv and MoE expert weights
         return _packed_dispatch(layer, remove_weight)
-    layer.cpu_linear = torch.nn.functional.linear  # called as cpu_linear(x, layer.weight, bias): reads the live weight
+    layer.cpu_linear = _plain_linear(weight.dtype)  # called as cpu_linear(x, layer.weight, bias): reads the live weight
 
 
 def set_cpu_weight_layout(layout: str) -> None:
