@@ -15,7 +15,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-REQUIRED_NAMES = ("rollout_vs_bare_vllm", "weight_sync_vs_memcpy", "learner_blocked_fraction", "learner_vs_bare_torch",
+REQUIRED_NAMES = ("rollout_vs_bare_vllm", "rollout_vs_bare_vllm_long", "weight_sync_vs_memcpy", "learner_blocked_fraction", "learner_vs_bare_torch",
                   "learner_memory_vs_full_logits", "learner_speed_vs_full_logits",
                   "buffer_vs_ray_queue", "async_vs_sync", "sync_overhead", "e2e_vs_trl_grpo", "e2e_vs_trl_grpo_bf16",
                   "rollout_scaling",

@@ -7,7 +7,9 @@ behaviour log-probs, scoring, the Arrow record batch and the buffer insert
 as the launcher keeps (`actors.requests_per_actor`). The baseline is the same engine's `LLM.generate` on the
 same token prompts and `SamplingParams`, timed inside its own actor (so no Ray
 call is in it), in an actor with the same CPU reservation and environment.
-Both run the default job's model and sampling settings, alternately.
+Both run the default job's model and sampling settings, alternately (`rollout_vs_bare_vllm`, the target), and
+then the same sampling with long responses from an untrained model of the same shape (`rollout_vs_bare_vllm_long`:
+~25x the tokens a request), which shows how Relay's cost, a fixed amount a request, shrinks as generation grows.
 
     .venv/bin/python -m benchmarks.rollout [--quick]
 """
@@ -22,7 +24,7 @@ import ray
 from actors.actor import make_rollout_actor, start_request
 from actors.config import ActorConfig
 from actors.generator import Generator, Prompt
-from benchmarks.common import VLLM_ENV, default_job_model, module_main, result, spread
+from benchmarks.common import VLLM_ENV, build_bench_model, default_job_model, module_main, result, spread
 from buffer.actor import make_buffer_actor
 from buffer.config import BufferConfig
 from launch.config import load_config
@@ -30,6 +32,7 @@ from launch.run_data import prepare_prompts
 from transport.registry import make_transport
 
 MAX_MODEL_LEN = 64
+LONG_MAX_MODEL_LEN, LONG_MAX_TOKENS = 128, 112  # the bench model's whole context (max_position_embeddings)
 
 
 class BareVLLM:
@@ -37,9 +40,9 @@ class BareVLLM:
     own CPU weight layout (packed; `layout` plain for benchmarks.rollout_parts), so Relay's plain layout is part of
     what is compared."""
 
-    def __init__(self, cfg: ActorConfig, model_path: str, layout: str = "packed"):
+    def __init__(self, cfg: ActorConfig, model_path: str, layout: str = "packed", max_model_len: int = MAX_MODEL_LEN):
         cfg = cfg.model_copy(update={"cpu_weight_layout": layout})
-        self.gen = Generator(cfg, model_path, "gen-0", MAX_MODEL_LEN)  # same engine args and seed as Relay's actor 0
+        self.gen = Generator(cfg, model_path, "gen-0", max_model_len)  # same engine args and seed as Relay's actor 0
 
     def generate(self, requests: list[list[Prompt]]) -> tuple[int, float]:
         """(response tokens, seconds) over the requests, one `LLM.generate` each, as the rollout actor issues them."""
@@ -72,9 +75,9 @@ def sink_buffer():
     return make_buffer_actor(cfg, groups_per_step=1, run_dir=None)
 
 
-def start_actors(cfg: ActorConfig, model_path: str, count: int, transport=None) -> list:
+def start_actors(cfg: ActorConfig, model_path: str, count: int, transport=None, max_model_len: int = MAX_MODEL_LEN) -> list:
     transport = transport or make_transport("object_store", "")
-    actors = [make_rollout_actor(cfg, i, model_path=model_path, max_model_len=MAX_MODEL_LEN,
+    actors = [make_rollout_actor(cfg, i, model_path=model_path, max_model_len=max_model_len,
                                  transport=transport, fetch_timeout_s=120) for i in range(count)]
     ray.get([a.version.remote() for a in actors])  # engines up before any clock starts
     return actors
@@ -119,17 +122,12 @@ def relay_tokens_per_s(actors: list, buffer, requests: list[list[Prompt]], parts
     return tokens, time.perf_counter() - t0
 
 
-def run(quick: bool) -> dict:
-    """Interleaved repeats of both paths; value/baseline are median tokens/s."""
-    # 16 requests a repeat: Relay's timing starts with an idle actor and ends with the last put's answer (~3 ms of
-    # pipeline fill and drain a repeat, which a run pays once, not every few requests; with 8 requests that was
-    # ~1.3% of Relay's time). 12 repeats: at 5 short ones the paired ratios ranged 0.72-1.11 on an idle machine
-    n_requests, repeats = (2, 2) if quick else (16, 12)
-    cfg = ActorConfig()  # the default job's sampling: n=8, 16 prompts per request, max 8 tokens, temperature 1
-    model_path = default_job_model(quick)
+def compare(cfg: ActorConfig, model_path: str, max_model_len: int, n_requests: int, repeats: int) -> list[dict]:
+    """Interleaved repeats of both paths on the same requests: one sample (tokens/s of each, Relay's parts) a repeat."""
     buffer = sink_buffer()
-    [relay] = start_actors(cfg, model_path, 1)
-    bare = ray.remote(BareVLLM).options(num_cpus=cfg.num_cpus, runtime_env={"env_vars": VLLM_ENV}).remote(cfg, model_path)
+    [relay] = start_actors(cfg, model_path, 1, max_model_len=max_model_len)
+    bare = ray.remote(BareVLLM).options(num_cpus=cfg.num_cpus, runtime_env={"env_vars": VLLM_ENV}).remote(
+        cfg, model_path, max_model_len=max_model_len)
     try:
         warm = make_requests(model_path, 1, cfg.prompts_per_request)
         relay_tokens_per_s([relay], buffer, warm), ray.get(bare.generate.remote(warm))  # first calls compile/allocate
@@ -148,12 +146,37 @@ def run(quick: bool) -> dict:
     finally:
         for a in (relay, bare, buffer):
             ray.kill(a)
+    return samples
+
+
+def _row(name: str, target: float | None, samples: list[dict], config: dict) -> dict:
     value = statistics.median(s["relay"] for s in samples)
     baseline = statistics.median(s["bare"] for s in samples)
-    return result("rollout_vs_bare_vllm", value, baseline, "tokens/s", 0.9, samples,
-                  spread=spread([s["relay"] / s["bare"] for s in samples]),
-                  config={"model": model_path, "n": cfg.n, "max_tokens": cfg.max_tokens,
-                          "prompts_per_request": cfg.prompts_per_request, "requests_per_sample": n_requests})
+    return result(name, value, baseline, "tokens/s", target, samples,
+                  spread=spread([s["relay"] / s["bare"] for s in samples]), config=config)
+
+
+def run(quick: bool) -> list[dict]:
+    """The default job's requests (the target), then the same sampling with long responses: the two rows show what
+    Relay costs a request and how that cost shrinks as generation grows. Values/baselines are median tokens/s."""
+    # 16 requests a repeat: Relay's timing starts with an idle actor and ends with the last put's answer (~3 ms of
+    # pipeline fill and drain a repeat, which a run pays once, not every few requests; with 8 requests that was
+    # ~1.3% of Relay's time). 12 repeats: at 5 short ones the paired ratios ranged 0.72-1.11 on an idle machine
+    n_requests, repeats = (2, 2) if quick else (16, 12)
+    cfg = ActorConfig()  # the default job's sampling: n=8, 16 prompts per request, max 8 tokens, temperature 1
+    model_path = default_job_model(quick)
+    short = _row("rollout_vs_bare_vllm", 0.9, compare(cfg, model_path, MAX_MODEL_LEN, n_requests, repeats),
+                 {"model": model_path, "n": cfg.n, "max_tokens": cfg.max_tokens,
+                  "prompts_per_request": cfg.prompts_per_request, "requests_per_sample": n_requests})
+    # long responses: the default job's model shape, untrained (it rarely ends early: ~60 tokens a sample, at most
+    # LONG_MAX_TOKENS), so a request generates ~25x the tokens of the default job's
+    long_cfg = cfg.model_copy(update={"max_tokens": 16 if quick else LONG_MAX_TOKENS})
+    long_path, _ = build_bench_model(128, 2)
+    n_requests, repeats = (1, 2) if quick else (3, 6)
+    long = _row("rollout_vs_bare_vllm_long", None, compare(long_cfg, long_path, LONG_MAX_MODEL_LEN, n_requests, repeats),
+                {"model": long_path, "n": cfg.n, "max_tokens": long_cfg.max_tokens,
+                 "prompts_per_request": cfg.prompts_per_request, "requests_per_sample": n_requests})
+    return [short, long]
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from benchmarks.common import REQUIRED_NAMES, machine_info, ray_start, result, s
 # Module per measurement, in run order, with the result names each returns.
 SUITE = (
     ("benchmarks.buffer_bench", ("buffer_vs_ray_queue",)),
-    ("benchmarks.rollout", ("rollout_vs_bare_vllm",)),
+    ("benchmarks.rollout", ("rollout_vs_bare_vllm", "rollout_vs_bare_vllm_long")),
     ("benchmarks.scaling", ("rollout_scaling",)),
     ("benchmarks.weight_sync", ("weight_sync_vs_memcpy", "learner_blocked_fraction")),
     ("benchmarks.learner", ("learner_vs_bare_torch",)),
@@ -32,6 +32,7 @@ SUITE = (
     ("benchmarks.reward_offload", ("reward_offload",)),
 )
 UNITS = {"buffer_vs_ray_queue": ("groups/s", 5.0), "rollout_vs_bare_vllm": ("tokens/s", 0.9),
+         "rollout_vs_bare_vllm_long": ("tokens/s", None),
          "rollout_scaling": ("tokens/s", None), "weight_sync_vs_memcpy": ("bytes/s", 0.5),
          "learner_blocked_fraction": ("s", 0.1), "learner_vs_bare_torch": ("tokens/s", 0.85),
          "learner_memory_vs_full_logits": ("GiB peak", 0.25), "learner_speed_vs_full_logits": ("tokens/s", 0.9),
