@@ -67,6 +67,14 @@ def sampled_logprobs(token_ids, logprobs) -> list[float]:
     return [lp[tok].logprob for lp, tok in zip(logprobs, token_ids)]
 
 
+def response_texts(tokenizer, params, completions) -> list[str]:
+    """Each completion's text: vLLM's own where it detokenized (`params.detokenize`), else its token ids decoded
+    in one batch call, as vLLM's detokenizer would decode them (special tokens skipped unless asked for)."""
+    if params.detokenize:
+        return [c.text for c in completions]
+    return tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=params.skip_special_tokens)
+
+
 @dataclass
 class Completion:
     """One sample of a prompt."""
@@ -141,8 +149,9 @@ class SyncEngine:
     def sample(self, token_prompts: list[list[int]], params) -> list[Output]:
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in token_prompts], params, use_tqdm=False,
                                  lora_request=self.lora)
+        texts = iter(response_texts(self.tokenizer, params, [c for o in outs for c in o.outputs]))
         return [Output(list(o.prompt_token_ids), [Completion(list(c.token_ids), sampled_logprobs(c.token_ids, c.logprobs),
-                                                             c.text, c.finish_reason) for c in o.outputs]) for o in outs]
+                                                             next(texts), c.finish_reason) for c in o.outputs]) for o in outs]
 
     def load(self, version: int, tensors: list) -> None:
         """Plain CPU weights are copied into place; otherwise vLLM's layerwise reload re-creates and repacks

@@ -32,7 +32,7 @@ import time
 import uuid
 
 from actors.config import ActorConfig
-from actors.engines import Completion, Output, engine_args, sampled_logprobs
+from actors.engines import Completion, Output, engine_args, response_texts, sampled_logprobs
 
 WORKER_EXTENSION = "actors.inflight.RelayWorkerExtension"
 LAYOUT_ENV = "RELAY_CPU_WEIGHT_LAYOUT"  # actors.cpu_weight_layout, handed to the engine process
@@ -254,4 +254,8 @@ class AsyncEngine:
                     acc.versions = token_versions_from_spans(c.weight_versions, len(acc.token_ids), request)
         for index in done:
             self._streamed.pop((request, index), None)
-        return Output(list(prompt_ids), [done[i] for i in sorted(done)])
+        completions = [done[i] for i in sorted(done)]
+        if not params.detokenize:  # the deltas carried no text: decode each whole response once
+            for c, text in zip(completions, response_texts(self.tokenizer, params, completions)):
+                c.text = text
+        return Output(list(prompt_ids), completions)

@@ -4,12 +4,14 @@ Relay's path is everything a request costs: the Ray call, sampling with
 behaviour log-probs, scoring, the Arrow record batch and the buffer insert
 (acknowledged; submitted with the request, as the launcher does:
 `actors.actor.start_request`), timed from the driver, with as many requests queued per actor
-as the launcher keeps (`actors.requests_per_actor`). The baseline is the same engine's `LLM.generate` on the
-same token prompts and `SamplingParams`, timed inside its own actor (so no Ray
-call is in it), in an actor with the same CPU reservation and environment.
-Both run the default job's model and sampling settings, alternately (`rollout_vs_bare_vllm`, the target), and
-then the same sampling with long responses from an untrained model of the same shape (`rollout_vs_bare_vllm_long`:
-~25x the tokens a request), which shows how Relay's cost, a fixed amount a request, shrinks as generation grows.
+as the launcher keeps (`actors.requests_per_actor`). The baseline is vLLM as it comes: the same engine's
+`LLM.generate` on the same token prompts and sampling settings, with vLLM's own weight layout and its own
+detokenizer, timed inside its own actor (so no Ray call is in it), in the same environment. Relay turns both of those off (its plain layout makes a weight update a copy; it decodes each
+finished response once instead of every token as it comes), so each row also reports the ratio against a bare
+vLLM that decodes as Relay does (`ratio_vs_bare_decode_once`): what is left of that is Relay's own path and layout.
+The three paths run the default job's model and sampling settings, in turn (`rollout_vs_bare_vllm`, the target),
+and then the same sampling with long responses from an untrained model of the same shape
+(`rollout_vs_bare_vllm_long`: ~9x the tokens a request), which tells a cost per request from one per token.
 
     .venv/bin/python -m benchmarks.rollout [--quick]
 """
@@ -38,19 +40,28 @@ LONG_MAX_MODEL_LEN, LONG_MAX_TOKENS = 128, 112  # the bench model's whole contex
 class BareVLLM:
     """The baseline: a Generator's own engine, called with `LLM.generate` and nothing around it, with vLLM's
     own CPU weight layout (packed; `layout` plain for benchmarks.rollout_parts), so Relay's plain layout is part of
-    what is compared."""
+    what is compared, and vLLM's own detokenizer (`decode_once`: off, and each request's responses decoded in
+    one batch call afterwards, as Relay's engine does: actors/engines.py `response_texts`)."""
 
-    def __init__(self, cfg: ActorConfig, model_path: str, layout: str = "packed", max_model_len: int = MAX_MODEL_LEN):
+    def __init__(self, cfg: ActorConfig, model_path: str, layout: str = "packed", max_model_len: int = MAX_MODEL_LEN,
+                 decode_once: bool = False):
         cfg = cfg.model_copy(update={"cpu_weight_layout": layout})
         self.gen = Generator(cfg, model_path, "gen-0", max_model_len)  # same engine args and seed as Relay's actor 0
+        self.params = self.gen.sampling_params()
+        self.params.detokenize = not decode_once
 
     def generate(self, requests: list[list[Prompt]]) -> tuple[int, float]:
-        """(response tokens, seconds) over the requests, one `LLM.generate` each, as the rollout actor issues them."""
-        params = self.gen.sampling_params()
+        """(response tokens, seconds) over the requests, one `LLM.generate` each, as the rollout actor issues them,
+        each response's text included."""
         token_prompts = [[{"prompt_token_ids": self.gen.encode(p)} for p in r]
                          for r in requests]  # the token ids the launcher rendered, as Relay's actor receives them
+        llm, tokenizer = self.gen.engine.llm, self.gen.engine.tokenizer
         t0 = time.perf_counter()
-        outs = [self.gen.engine.llm.generate(tp, params, use_tqdm=False) for tp in token_prompts]
+        outs = []
+        for tp in token_prompts:
+            outs.append(llm.generate(tp, self.params, use_tqdm=False))
+            if not self.params.detokenize:
+                tokenizer.batch_decode([c.token_ids for o in outs[-1] for c in o.outputs], skip_special_tokens=True)
         elapsed = time.perf_counter() - t0
         return sum(len(c.token_ids) for batch in outs for o in batch for c in o.outputs), elapsed
 
@@ -123,28 +134,33 @@ def relay_tokens_per_s(actors: list, buffer, requests: list[list[Prompt]], parts
 
 
 def compare(cfg: ActorConfig, model_path: str, max_model_len: int, n_requests: int, repeats: int) -> list[dict]:
-    """Interleaved repeats of both paths on the same requests: one sample (tokens/s of each, Relay's parts) a repeat."""
+    """Interleaved repeats of the three paths on the same requests: one sample (tokens/s of each, Relay's parts) a
+    repeat. Each path has its own engine, and all three see the same requests in the same order, so they sample
+    the same tokens."""
     buffer = sink_buffer()
     [relay] = start_actors(cfg, model_path, 1, max_model_len=max_model_len)
-    bare = ray.remote(BareVLLM).options(num_cpus=cfg.num_cpus, runtime_env={"env_vars": VLLM_ENV}).remote(
-        cfg, model_path, max_model_len=max_model_len)
+    # the two bare engines reserve half a CPU each so all three fit on 2 (Ray does not pin them; every engine runs
+    # one thread, OMP_NUM_THREADS=1, whatever its reservation)
+    bare = {name: ray.remote(BareVLLM).options(num_cpus=cfg.num_cpus / 2, runtime_env={"env_vars": VLLM_ENV}).remote(
+        cfg, model_path, max_model_len=max_model_len, decode_once=name == "bare_decode_once")
+        for name in ("bare", "bare_decode_once")}
     try:
         warm = make_requests(model_path, 1, cfg.prompts_per_request)
-        relay_tokens_per_s([relay], buffer, warm), ray.get(bare.generate.remote(warm))  # first calls compile/allocate
+        relay_tokens_per_s([relay], buffer, warm), ray.get([b.generate.remote(warm) for b in bare.values()])  # compile, allocate
         samples = []
         for k in range(repeats):
             requests = make_requests(model_path, n_requests, cfg.prompts_per_request, offset=k * 7)
-            order = ("relay", "bare") if k % 2 == 0 else ("bare", "relay")  # neither always goes first
+            order = ["relay", "bare", "bare_decode_once"]
             s, parts = {}, {}
-            for which in order:
-                tokens, secs = relay_tokens_per_s([relay], buffer, requests, parts) if which == "relay" else ray.get(bare.generate.remote(requests))
+            for which in order[k % 3:] + order[:k % 3]:  # none always goes first
+                tokens, secs = relay_tokens_per_s([relay], buffer, requests, parts) if which == "relay" else ray.get(bare[which].generate.remote(requests))
                 s[which] = round(tokens / secs, 1)
                 s[f"{which}_tokens"] = tokens
                 s[f"{which}_s"] = round(secs, 4)
             s.update({f"relay_{k}": round(v, 4) for k, v in parts.items()})  # the rest of relay_s: Ray calls
             samples.append(s)
     finally:
-        for a in (relay, bare, buffer):
+        for a in (relay, *bare.values(), buffer):
             ray.kill(a)
     return samples
 
@@ -152,8 +168,11 @@ def compare(cfg: ActorConfig, model_path: str, max_model_len: int, n_requests: i
 def _row(name: str, target: float | None, samples: list[dict], config: dict) -> dict:
     value = statistics.median(s["relay"] for s in samples)
     baseline = statistics.median(s["bare"] for s in samples)
+    decode_once = statistics.median(s["bare_decode_once"] for s in samples)
     return result(name, value, baseline, "tokens/s", target, samples,
-                  spread=spread([s["relay"] / s["bare"] for s in samples]), config=config)
+                  spread=spread([s["relay"] / s["bare"] for s in samples]), config=config,
+                  # against a bare vLLM that also skips its detokenizer and decodes each request once
+                  ratio_vs_bare_decode_once=round(value / decode_once, 4))
 
 
 def run(quick: bool) -> list[dict]:

@@ -144,6 +144,29 @@ def untrained_model_dir(tmp_path_factory) -> str:
     return build_default_model(ModelConfig(warm_start_steps=0), max_operand=4, cache_dir=tmp_path_factory.mktemp("raw"))
 
 
+def test_responses_decoded_in_one_batch_spell_what_vllms_detokenizer_spells(untrained_model_dir):
+    """Without stop strings vLLM does not detokenize (SamplingParams.detokenize False) and the engine decodes each
+    finished response in one batch: the texts are the ones vLLM's own detokenizer gives the same tokens, special
+    tokens skipped (an untrained model; one sampling seed, so both runs sample the same tokens; answers of every
+    length)."""
+    from actors.config import ActorConfig
+    from actors.generator import Generator, Prompt
+
+    gen = Generator(ActorConfig(n=4, max_tokens=16), untrained_model_dir, "detok-gen", max_model_len=64)
+    params = gen.sampling_params()
+    assert params.detokenize is False
+    params.seed = 7
+    ids = gen.encode_all([Prompt(f"p{i}", f"{i}+{j}=", "") for i in range(5) for j in range(5)])
+    ours = [c for o in gen.engine.sample(ids, params) for c in o.outputs]
+    detokenizing = params.clone()
+    detokenizing.detokenize = True
+    theirs = [c for o in gen.engine.sample(ids, detokenizing) for c in o.outputs]
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    assert [c.text for c in ours] == [c.text for c in theirs]
+    assert len({c.text for c in ours}) > 5 and any(gen.engine.tokenizer.eos_token_id in c.token_ids for c in ours)
+    assert [c.logprobs for c in ours] == [c.logprobs for c in theirs]
+
+
 @pytest.mark.parametrize("mode", ["between_batches", "in_flight"])
 def test_stop_strings_and_stop_ids_end_generation_with_the_sampled_tokens(untrained_model_dir, mode):
     """A response ends at the first stop string or stop token; the Rollout keeps exactly the tokens the engine
