@@ -194,7 +194,7 @@ class Generator:
             # their log-probs); keeping the string in the text too makes the text the reward reads what those tokens
             # spell. A stop token id (like EOS) stays in token_ids and decodes to nothing when it is special.
             include_stop_str_in_output=True,
-            # vLLM's detokenizer decodes every sampled token as it comes, and again for its log-prob entry: ~15% of
+            # vLLM's detokenizer decodes every sampled token as it comes, and again for its log-prob entry: ~14% of
             # a tiny model's generation on CPU. The engine decodes each finished response in one batch instead
             # (actors/engines.py: response_texts), the same text; stop strings need vLLM's own, token by token.
             detokenize=bool(self.cfg.stop),

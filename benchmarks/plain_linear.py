@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from transport.plain_weights import _plain_linear
+from transport.plain_weights import plain_matmul
 
 SHAPES = {  # name: (tokens, out_features, in_features)
     "tiny_qkv_decode": (128, 384, 128),
@@ -43,9 +43,19 @@ def _median_s(fn, repeats: int, warm: int = 3) -> float:
 
 
 def run(quick: bool) -> dict:
+    """One thread, as in a rollout actor; the caller's thread count is restored (tests call this in-process, and once
+    a vLLM engine has run in a process, vLLM makes `torch.set_num_threads` a no-op there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(quick: bool) -> dict:
     from vllm import _custom_ops as ops
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     rows = {}
     for name, (m, n, k) in SHAPES.items():
@@ -55,7 +65,7 @@ def run(quick: bool) -> dict:
         repeats = 10 if quick else (50 if n * k < 10**6 else 15)
         with torch.inference_mode():
             handle = ops.create_onednn_mm(w.t(), 32)  # vLLM's packed dispatch for this weight
-            plain = _plain_linear(w.dtype)
+            plain = plain_matmul(w.dtype)
             err = (plain(x, w, None) - torch.nn.functional.linear(x, w)).abs().max().item()
             t = {"packed": _median_s(lambda: ops.onednn_mm(handle, x, None), repeats),
                  "plain": _median_s(lambda: plain(x, w, None), repeats),

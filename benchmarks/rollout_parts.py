@@ -13,10 +13,9 @@ them; each engine runs one thread), take the same requests in turn, and each row
 - `relay_path`: what the driver sees, as `benchmarks.rollout` times it (the Ray calls, two return values, the
   put's answer, pipeline fill and drain).
 
-Every bare row decodes as Relay's engine does (vLLM's detokenizer off, each request decoded in one batch), so
-the layers are Relay's own costs; what that decoding saves against vLLM's own detokenizer is in
-`benchmarks.rollout` (`ratio_vs_bare_decode_once` against `ratio`). Medians over interleaved repeats, in ms per request, and each layer's share of `relay_path`'s excess over
-`bare_packed`.
+Every row uses Relay's sampling params (vLLM's detokenizer off, each request decoded in one batch), as
+`benchmarks.rollout`'s baseline does. Medians over interleaved repeats, in ms per request, and each layer's share
+of `relay_path`'s excess over `bare_packed`.
 """
 from __future__ import annotations
 
@@ -51,7 +50,7 @@ class TimedRolloutActor(RolloutActor):
                 self.sample_s += time.perf_counter() - t0
 
         engine.sample = timed
-        self.params = self.gen.sampling_params()  # for `bare`: as BareVLLM(decode_once=True) holds them
+        self.params = self.gen.sampling_params()  # for `bare`: as BareVLLM holds them
 
     def take_sample_s(self) -> float:
         out, self.sample_s = self.sample_s, 0.0
@@ -69,7 +68,7 @@ def run(quick: bool) -> dict:
     relay = ray.remote(TimedRolloutActor).options(**rollout_actor_options(cfg)).remote(
         cfg, model_path, "gen-0", MAX_MODEL_LEN, make_transport("object_store", ""), 120)
     bare = {layout: ray.remote(BareVLLM).options(num_cpus=cfg.num_cpus, runtime_env={"env_vars": VLLM_ENV})
-            .remote(cfg, model_path, layout, decode_once=True) for layout in ("packed", "plain")}
+            .remote(cfg, model_path, layout) for layout in ("packed", "plain")}
     try:
         warm = make_requests(model_path, 1, cfg.prompts_per_request)
         relay_tokens_per_s([relay], buffer, warm)

@@ -103,7 +103,9 @@ def test_plain_linear_quick_rows_agree_with_f_linear():
 
     from benchmarks.plain_linear import SHAPES, run
 
+    threads = torch.get_num_threads()
     out = run(quick=True)
+    assert torch.get_num_threads() == threads  # the suite's later in-process learners keep theirs
     assert set(out["shapes"]) == {k for k in SHAPES if k.startswith("tiny")}
     for row in out["shapes"].values():
         assert set(row["us"]) == {"packed", "plain", "f_linear"} and all(v > 0 for v in row["us"].values()), row
