@@ -1,6 +1,6 @@
 """The matmul behind Relay's plain CPU weight layout against vLLM's packed one and against `F.linear`.
 
-A diagnostic, not one of the suite's ratios (`python -m benchmarks.plain_linear [--quick]`, ~20 s): one thread, as
+A diagnostic, not one of the suite's ratios (`python -m benchmarks.plain_linear [--quick]`, ~10 s): one thread, as
 in a rollout actor; for each weight shape and batch (tokens in a forward), the median time of
 
 - `packed`: vLLM's CPU dispatch, a oneDNN handle over a copy of the weight reordered once (the baseline);

@@ -26,6 +26,7 @@ import ray
 
 from actors.actor import make_rollout_actor, start_request
 from actors.config import ActorConfig
+from actors.engines import response_texts
 from actors.generator import Generator, Prompt
 from benchmarks.common import VLLM_ENV, build_bench_model, default_job_model, module_main, result, spread
 from buffer.actor import make_buffer_actor
@@ -62,8 +63,7 @@ class BareVLLM:
         outs = []
         for tp in token_prompts:
             outs.append(llm.generate(tp, self.params, use_tqdm=False))
-            if not self.params.detokenize:
-                tokenizer.batch_decode([c.token_ids for o in outs[-1] for c in o.outputs], skip_special_tokens=True)
+            response_texts(tokenizer, self.params, [c for o in outs[-1] for c in o.outputs])  # as Relay's engine
         elapsed = time.perf_counter() - t0
         return sum(len(c.token_ids) for batch in outs for o in batch for c in o.outputs), elapsed
 
@@ -178,8 +178,8 @@ def _row(name: str, target: float | None, samples: list[dict], config: dict) -> 
 
 
 def run(quick: bool) -> list[dict]:
-    """The default job's requests (the target), then the same sampling with long responses: the two rows show what
-    Relay costs a request and how that cost shrinks as generation grows. Values/baselines are median tokens/s."""
+    """The default job's requests (the target), then the same sampling with long responses: together the two rows
+    tell a cost per request from one per token. Values/baselines are median tokens/s."""
     # 16 requests a repeat: Relay's timing starts with an idle actor and ends with the last put's answer (~3 ms of
     # pipeline fill and drain a repeat, which a run pays once, not every few requests; with 8 requests that was
     # ~1.3% of Relay's time). 12 repeats: at 5 short ones the paired ratios ranged 0.72-1.11 on an idle machine
@@ -189,8 +189,8 @@ def run(quick: bool) -> list[dict]:
     short = _row("rollout_vs_bare_vllm", 0.9, compare(cfg, model_path, MAX_MODEL_LEN, n_requests, repeats),
                  {"model": model_path, "n": cfg.n, "max_tokens": cfg.max_tokens,
                   "prompts_per_request": cfg.prompts_per_request, "requests_per_sample": n_requests})
-    # long responses: the default job's model shape, untrained (it rarely ends early: ~60 tokens a sample, at most
-    # LONG_MAX_TOKENS), so a request generates ~25x the tokens of the default job's
+    # long responses: the default job's model shape, untrained (no learned answer format: ~18 tokens a sample here,
+    # at most LONG_MAX_TOKENS), so a request generates ~9x the tokens of the default job's (~2.4 a sample)
     long_cfg = cfg.model_copy(update={"max_tokens": 16 if quick else LONG_MAX_TOKENS})
     long_path, _ = build_bench_model(128, 2)
     n_requests, repeats = (1, 2) if quick else (3, 6)
