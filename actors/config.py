@@ -57,8 +57,9 @@ class ActorConfig(BaseModel):
     weight_update_mode: Literal["between_batches", "in_flight"] = "between_batches"
     """When new weights reach an engine: between requests, or in_flight (pause, load, resume; per-token versions)."""
     cpu_weight_layout: Literal["plain", "packed"] = "plain"
-    """CPU engines: plain keeps linear weights in PyTorch layout so an update is an in-place copy; packed is vLLM's
-    default (oneDNN repack at every load, 6-10x the copy). See transport/plain_weights.py. Ignored on GPU."""
+    """CPU engines: plain keeps linear weights in PyTorch layout so an update is an in-place copy (an eager engine's
+    layer packs a private copy of a version once it has served 16 calls); packed is vLLM's default (vLLM's
+    layerwise reload and a oneDNN repack at every load). See transport/plain_weights.py. Ignored on GPU."""
     requests_per_actor: int = Field(2, ge=1, le=8)
     """Generation requests the launcher keeps queued on each rollout actor. With 2 the next request is already
     waiting when one finishes, so the engine never idles for a Ray round trip; each request samples with the newest

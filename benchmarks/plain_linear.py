@@ -3,8 +3,11 @@
 A diagnostic, not one of the suite's ratios (`python -m benchmarks.plain_linear [--quick]`, ~10 s): one thread, as
 in a rollout actor; for each weight shape and batch (tokens in a forward), the median time of
 
-- `packed`: vLLM's CPU dispatch, a oneDNN handle over a copy of the weight reordered once (the baseline);
-- `plain`: what `transport.plain_weights` calls on the live weight (oneDNN, reordering per call);
+- `packed`: vLLM's CPU dispatch, a oneDNN handle over a copy of the weight reordered once (the baseline; also
+  what a plain layer runs once a version has served `PACK_AFTER_CALLS` calls);
+- `pack`: making that handle, what a plain layer pays once a version (`pack_calls`: the `packed` calls it
+  takes to repay the pack, what `transport.plain_weights.PACK_AFTER_CALLS` is set from);
+- `plain`: oneDNN on the live weight, reordering per call (a version's first calls, and compiled engines);
 - `f_linear`: `torch.nn.functional.linear`, vLLM's own fallback and Relay's plain matmul before.
 
 Ratios are time over `packed`'s (1.0 = as fast as vLLM's layout). Shapes: the default job's tiny model at decode
@@ -67,12 +70,14 @@ def _run(quick: bool) -> dict:
             handle = ops.create_onednn_mm(w.t(), 32)  # vLLM's packed dispatch for this weight
             plain = plain_matmul(w.dtype)
             err = (plain(x, w, None) - torch.nn.functional.linear(x, w)).abs().max().item()
-            t = {"packed": _median_s(lambda: ops.onednn_mm(handle, x, None), repeats),
+            t = {"pack": _median_s(lambda: ops.create_onednn_mm(w.t(), 32), max(3, repeats // 5)),
+                 "packed": _median_s(lambda: ops.onednn_mm(handle, x, None), repeats),
                  "plain": _median_s(lambda: plain(x, w, None), repeats),
                  "f_linear": _median_s(lambda: torch.nn.functional.linear(x, w), repeats)}
         rows[name] = {"shape": [m, n, k], "us": {a: round(v * 1e6, 1) for a, v in t.items()},
                       "plain_over_packed": round(t["plain"] / t["packed"], 3),
                       "f_linear_over_packed": round(t["f_linear"] / t["packed"], 3),
+                      "pack_calls": round(t["pack"] / max(t["plain"] - t["packed"], 1e-9), 1),
                       "max_abs_diff_vs_f_linear": err}
     return {"name": "plain_linear", "dtype": "float32", "threads": 1, "plain_matmul": plain.__name__, "shapes": rows}
 

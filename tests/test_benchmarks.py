@@ -97,8 +97,8 @@ def test_learner_memory_quick_rows_and_no_ray_vllm_or_pyarrow():
 
 
 def test_plain_linear_quick_rows_agree_with_f_linear():
-    """The plain layout's matmul diagnostic: every tiny-model shape timed three ways, and the plain matmul (oneDNN
-    on the live weight where torch has it) gives F.linear's numbers."""
+    """The plain layout's matmul diagnostic: every tiny-model shape timed three ways plus the pack, and the plain
+    matmul (oneDNN on the live weight where torch has it) gives F.linear's numbers."""
     import torch
 
     from benchmarks.plain_linear import SHAPES, run
@@ -108,6 +108,7 @@ def test_plain_linear_quick_rows_agree_with_f_linear():
     assert torch.get_num_threads() == threads  # the suite's later in-process learners keep theirs
     assert set(out["shapes"]) == {k for k in SHAPES if k.startswith("tiny")}
     for row in out["shapes"].values():
-        assert set(row["us"]) == {"packed", "plain", "f_linear"} and all(v > 0 for v in row["us"].values()), row
+        assert set(row["us"]) == {"pack", "packed", "plain", "f_linear"} and all(v > 0 for v in row["us"].values()), row
+        assert row["pack_calls"] > 0, row
         assert row["max_abs_diff_vs_f_linear"] < 1e-4, row
     assert out["plain_matmul"] == ("_onednn_linear" if torch.backends.mkldnn.is_available() else "linear")

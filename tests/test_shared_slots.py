@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.test_weight_sync import _hf, _perturbed, _prompts, _train_batch
+from tests.test_weight_sync import _hf, _packed_layers, _perturbed, _prompts, _train_batch, serve_until_packed
 from tests.test_generator import _check_match
 from transport.shared_slots import LayoutError, SharedSlotTransport, Slot, vllm_layout
 
@@ -107,9 +107,12 @@ def test_a_served_slot_is_never_rewritten_and_is_freed_once_left(generator, slot
     _check_match(generator, _hf(tiny_model_dir, states[base + 1]), _prompts(), tol=1e-4)
     assert len(_slot_files(learner_side.dir)) == 3  # the served one + two alternating: slots are reused
 
+    serve_until_packed(generator)  # packed copies of base+1, which pointing the parameters elsewhere must drop
     handle = learner_side.publish(base + 5, states[base + 4])
     generator_side.apply(handle, generator, timeout_s=10)
     assert generator.version == base + 5 and generator_side._held.path == handle.payload["path"]
+    assert generator.engine.llm.collective_rpc(_packed_layers)[0][0] == 0
+    _check_match(generator, _hf(tiny_model_dir, states[base + 4]), _prompts(), tol=1e-4)
     old = Slot(served, generator.weight_layout()["nbytes"])
     assert old.try_lock(exclusive=True), "the slot left behind is still locked"
     old.unlock()

@@ -187,22 +187,46 @@ def _param_ptrs(worker) -> dict[str, int]:
 
 
 def _matmuls(worker) -> set[str]:
-    return {m.cpu_linear.__name__ for m in worker.model_runner.get_model().modules() if hasattr(m, "cpu_linear")}
+    return {getattr(m.cpu_linear, "__name__", type(m.cpu_linear).__name__)
+            for m in worker.model_runner.get_model().modules() if hasattr(m, "cpu_linear")}
+
+
+def _packed_layers(worker) -> tuple[int, int]:
+    """(layers multiplying by a packed copy of the version now loaded, plain layers the model multiplies by: an
+    untied embedding has a matmul too, never called)."""
+    from transport.plain_weights import LazyPacked
+
+    lazy = [m.cpu_linear for m in worker.model_runner.get_model().modules() if isinstance(getattr(m, "cpu_linear", None), LazyPacked)]
+    return sum(f.packed() for f in lazy), sum(f.calls > 0 or f.handle is not None for f in lazy)
+
+
+def serve_until_packed(generator) -> None:
+    """Generate until every plain layer has packed its weight (a version's first PACK_AFTER_CALLS calls do not)."""
+    for _ in range(20):
+        packed, layers = generator.engine.llm.collective_rpc(_packed_layers)[0]
+        if packed == layers >= 5:  # at least one decoder layer's four and the LM head
+            return
+        generator.generate(_prompts())
+    raise AssertionError(f"{packed} of {layers} layers packed after 20 requests")
 
 
 def test_plain_layout_copies_in_place_and_an_incomplete_version_is_refused(generator, tiny_model_dir):
     """The default CPU layout: an update writes into the memory the engine already reads (no re-created or
     repacked layers), and a version that does not cover every parameter leaves the generator refusing to serve.
-    Every linear layer, the LM head included, multiplies through oneDNN on its live weight (F.linear was ~2x slower
-    here, `benchmarks.plain_linear`)."""
+    Every linear layer, the LM head included, multiplies by its live weight for a version's first calls, then by a
+    packed copy of it; a load drops the copies, and the packs made after it hold the new weights."""
     assert generator.engine.in_place
-    assert generator.engine.llm.collective_rpc(_matmuls)[0] == {"_onednn_linear"}
+    assert generator.engine.llm.collective_rpc(_matmuls)[0] == {"LazyPacked"}
     before = generator.engine.llm.collective_rpc(_param_ptrs)[0]
+    serve_until_packed(generator)  # every layer holds a packed copy of the version before
     state = _perturbed(tiny_model_dir, seed=21)
     v = generator.version + 1
     generator.load_weights(v, iter(state.items()))
     assert generator.engine.llm.collective_rpc(_param_ptrs)[0] == before
-    _check_match(generator, _hf(tiny_model_dir, state), _prompts(), tol=1e-4)
+    assert generator.engine.llm.collective_rpc(_packed_layers)[0][0] == 0, "a packed copy of the old version survived the load"
+    _check_match(generator, _hf(tiny_model_dir, state), _prompts(), tol=1e-4)  # the live weights
+    serve_until_packed(generator)
+    _check_match(generator, _hf(tiny_model_dir, state), _prompts(), tol=1e-4)  # the packed copies of the new ones
 
     partial = {k: t for k, t in _perturbed(tiny_model_dir, seed=22).items() if "layers.1.mlp" not in k}
     with pytest.raises(ValueError, match=r"did not cover 2 parameter\(s\).*layers\.1\.mlp"):
