@@ -7,7 +7,10 @@ behaviour log-probs, scoring, the Arrow record batch and the buffer insert
 as the launcher keeps (`actors.requests_per_actor`). The baseline is the same engine's `LLM.generate` on the same
 token prompts and `SamplingParams`, with vLLM's own CPU weight layout (packed), each request's texts decoded once as
 Relay's engine decodes them, timed inside its own actor (so no Ray call is in it), in the same environment.
-Relay's plain layout (a weight update is a copy) is part of what is compared. A third path, bare vLLM with its own
+Relay's plain layout (a weight update is a copy) is part of what is compared; no version is loaded during the
+benchmark, so its layers run on packed copies after their first 16 calls (`transport/plain_weights.py`), as in a
+run whose versions each serve more than one short request (the default job loads one every request and stays on the
+per-call path: ~1.1 ms a request, about what a pack, ~1.3 ms, would cost it). A third path, bare vLLM with its own
 detokenizer on (vLLM's default, which Relay turns off: actors/generator.py), is reported beside it
 (`ratio_vs_bare_vllm_detokenizer`): that ratio includes what Relay's decoding saves, the target's does not.
 The three paths run the default job's model and sampling settings, in turn (`rollout_vs_bare_vllm`, the target),
