@@ -380,7 +380,10 @@ def test_a_put_held_by_the_buffer_outlives_its_actor(tmp_path, tiny_model_dir):
     """The actor dies while its rows wait inside the buffer (held by the samples-per-insert limiter here). The put
     was submitted by the caller with the request (`start_request`), so neither it nor its acknowledgement depends
     on the actor: once the learner samples, the rows are stored once and the acknowledgement says so; a re-issued
-    copy is refused. (Before, the actor submitted the put and owned its answer, which died with it.)"""
+    copy is refused. (Before, the actor submitted the put and owned its answer, which died with it.) Also: after
+    its first request the actor's heap is frozen, so later garbage collections scan only what requests allocate."""
+    import gc
+
     import ray
 
     from actors.actor import make_rollout_actor, start_request
@@ -401,6 +404,10 @@ def test_a_put_held_by_the_buffer_outlives_its_actor(tmp_path, tiny_model_dir):
         ref, ack = start_request(actor, buffer, [Prompt("p", "1+2=", "3")], None, "req-x")
         result = ray.get(ref, timeout=300)
         assert result.groups == 1 and result.batch is None  # the rows went on to the buffer, not back here
+        # vLLM froze its start-up heap; the first request built ~45k more long-lived objects (first-use imports,
+        # caches), which every full collection would rescan unless the actor froze them too
+        tracked, frozen = ray.get(actor.__ray_call__.remote(lambda a: (len(gc.get_objects()), gc.get_freeze_count())))
+        assert tracked < 5_000 < frozen, (tracked, frozen)
         assert not ray.get(buffer.has_request.remote("req-x")) and not ray.wait([ack], timeout=0.5)[0]  # held
         ray.kill(actor, no_restart=True)
         _wait_dead(actor)
