@@ -76,7 +76,7 @@ class LearnerRank:
             return
         from transport.registry import make_transport
 
-        self.transport = make_transport(transport, "", bucket_mb, timeout_s, ray.util.get_node_ip_address(), _free_port())
+        self.transport = make_transport(transport, "", bucket_mb, timeout_s, ray.util.get_node_ip_address(), free_port())
         self.transport.connect(generators, workers_per_generator)
 
     def save_checkpoint(self, directory: str) -> None:
@@ -132,12 +132,38 @@ def place_learner_group(cfg: LearnerConfig):
     return pg, ips.get(node_id) or ray.util.get_node_ip_address()  # the driver's IP if Ray does not say
 
 
-def _free_port() -> int:
+# A port the OS picks (bind to port 0) comes from its ephemeral range, the same range every outgoing connection
+# takes its source port from: on a busy Ray node one can take it between the pick and rank 0's bind (EADDRINUSE,
+# seen once in CI). Below that range and above Ray's worker ports (`ray start --min/max-worker-port`, 10002-19999),
+# a port is only ever taken by a process that asks for it by number.
+RENDEZVOUS_PORTS = (20000, 32767)
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default where it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A port free now in RENDEZVOUS_PORTS (below the ephemeral range), or, if none of 64 tries is, one the OS
+    picks. Drawn from the system's entropy: runs started with one seed must not all try the same ports."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    low, high = RENDEZVOUS_PORTS[0], min(RENDEZVOUS_PORTS[1], _ephemeral_low() - 1)
+    candidates = random.SystemRandom().sample(range(low, high + 1), min(64, high + 1 - low)) if high >= low else []
+    for port in [*candidates, 0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port for the learner's rendezvous")
 
 
 def rendezvous_port(pg, master_addr: str, timeout_s: float) -> int:
@@ -146,8 +172,8 @@ def rendezvous_port(pg, master_addr: str, timeout_s: float) -> int:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     if master_addr == ray.util.get_node_ip_address():
-        return _free_port()
-    probe = ray.remote(num_cpus=0)(_free_port).options(
+        return free_port()
+    probe = ray.remote(num_cpus=0)(free_port).options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0))
     return ray.get(probe.remote(), timeout=timeout_s)
 

@@ -25,19 +25,18 @@ def dist_env():
     (collected whenever the garbage collector gets to it) leaves DeepSpeed's cached world group pointing into a
     destroyed process group. Collect now, then drop DeepSpeed's stale references (its own release function)."""
     import gc
-    import socket
 
     import torch.distributed as dist
     from deepspeed.utils import groups
+
+    from learner.actor import free_port
 
     gc.collect()
     stale = groups._WORLD_GROUP is not None and (
         not dist.is_initialized() or groups._WORLD_GROUP not in dist.distributed_c10d._world.pg_group_ranks)
     if stale:
         groups._release_process_group_references(None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # outside the ephemeral range, which any connection may take a port from meanwhile
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
 

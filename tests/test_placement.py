@@ -25,6 +25,20 @@ def _wait_cpus(ray, expected: float, timeout_s: float = 10.0) -> float:
     return cpus
 
 
+def test_rendezvous_ports_are_never_ones_an_outgoing_connection_can_take():
+    """The learner's rendezvous port lies below the kernel's ephemeral range (where every outgoing connection takes
+    its source port, so a port picked there can be taken before rank 0 binds it) and above Ray's worker ports, and
+    is free when picked."""
+    from learner.actor import RENDEZVOUS_PORTS, _ephemeral_low, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(RENDEZVOUS_PORTS[0] <= p < min(RENDEZVOUS_PORTS[1] + 1, _ephemeral_low()) for p in ports), ports
+    assert len(ports) > 1  # drawn, not one fixed port that every run on a host would race for
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("", port))
+
+
 @pytest.mark.slow
 def test_two_ranks_are_placed_and_reserve_their_bundles(ray2):
     from ray.util.placement_group import placement_group_table, remove_placement_group
