@@ -2,7 +2,6 @@
 sends a request to it and its rows on to the buffer."""
 from __future__ import annotations
 
-import gc
 import os
 import threading
 import time
@@ -13,6 +12,7 @@ from actors.config import ActorConfig
 from actors.engines import actor_seed
 from actors.generator import GenerationResult, Generator, Prompt
 from buffer.schema import RequestRows
+from common.heap import freeze_heap
 from common.seeding import seed_everything
 from transport.base import WeightHandle, WeightTransport
 
@@ -69,18 +69,10 @@ class RolloutActor:
         result.load_s += load_s  # plus, in_flight, the time generation stood paused for swaps during the request
         rows = RequestRows(result.batch, result.skipped, result.judge_work)
         result.batch, result.judge_work = None, []  # the rows go on; only the summary returns to the launcher
-        if not self._heap_frozen:
-            self._freeze_heap()
+        if not self._heap_frozen:  # after the first request: what it built lives as long as the actor
+            freeze_heap()
+            self._heap_frozen = True
         return result, rows
-
-    def _freeze_heap(self) -> None:
-        """Leave the actor's long-lived objects out of every later garbage collection. vLLM freezes its heap once
-        its engine has started (vllm/utils/gc_utils.py freeze_gc_heap), but the first request builds ~45k more
-        objects that live as long as the actor (modules imported on first use, the engine's caches); every full
-        collection rescanned them, ~15 ms each, every ~25 requests of the default job: ~0.6 ms a request."""
-        gc.collect()
-        gc.freeze()
-        self._heap_frozen = True
 
     def evaluate(self, prompts: list[Prompt], handle: WeightHandle | None) -> dict[str, float]:
         self.sync(handle)
