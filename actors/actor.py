@@ -12,7 +12,7 @@ from actors.config import ActorConfig
 from actors.engines import actor_seed
 from actors.generator import GenerationResult, Generator, Prompt
 from buffer.schema import RequestRows
-from common.heap import freeze_heap
+from common.heap import freeze_heap_once
 from common.seeding import seed_everything
 from transport.base import WeightHandle, WeightTransport
 
@@ -42,7 +42,6 @@ class RolloutActor:
         self._sync_lock = threading.Lock()  # in_flight: generate's sync and offer_weights run on two threads
         if transport is not None:
             transport.attach(self.gen)
-        self._heap_frozen = False
 
     def sync(self, handle: WeightHandle | None) -> float:
         """Apply `handle` if it is newer than what this engine serves; intermediate versions are simply never fetched."""
@@ -69,9 +68,7 @@ class RolloutActor:
         result.load_s += load_s  # plus, in_flight, the time generation stood paused for swaps during the request
         rows = RequestRows(result.batch, result.skipped, result.judge_work)
         result.batch, result.judge_work = None, []  # the rows go on; only the summary returns to the launcher
-        if not self._heap_frozen:  # after the first request: what it built lives as long as the actor
-            freeze_heap()
-            self._heap_frozen = True
+        freeze_heap_once()  # after the first request: what it built lives as long as the actor
         return result, rows
 
     def evaluate(self, prompts: list[Prompt], handle: WeightHandle | None) -> dict[str, float]:

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import ray
 
-from common.heap import freeze_heap
+from common.heap import freeze_heap_once
 from learner.batch import source_metrics
 from learner.config import LearnerConfig
 from learner.learner import Learner
@@ -22,7 +22,6 @@ class LearnerRank:
         self.transport = transport
         self._reading: dict[int, Callable[[], Any]] = {}  # deferred copies awaiting `materialize`
         self._publish_ids = itertools.count(1)  # next() is atomic: two publishes on two actor threads never share one
-        self._heap_frozen = False
 
     def _publish(self):
         """Publish the current weights; returns (handle on rank 0, seconds the learner was blocked).
@@ -56,9 +55,7 @@ class LearnerRank:
         if batch is None:
             return None
         metrics = self.learner.train_step(batch)
-        if not self._heap_frozen:  # after the first step: the optimizer's state and first-use imports exist now
-            freeze_heap()
-            self._heap_frozen = True
+        freeze_heap_once()  # after the first step: the optimizer's state and first-use imports exist now
         handle, publish_s = self._publish() if publish else (None, 0.0)
         metrics["weight_sync_s"] = publish_s
         # Every rank receives the whole batch; rank 0 reports its groups for the run's exactly-once ledger.
