@@ -10,7 +10,7 @@ import ray
 
 from actors.config import ActorConfig
 from actors.engines import actor_seed
-from actors.generator import GenerationResult, Generator, Prompt
+from actors.generator import Generator, Prompt
 from buffer.schema import RequestRows
 from common.heap import freeze_heap_once
 from common.seeding import seed_everything
@@ -59,8 +59,9 @@ class RolloutActor:
         return self.sync(handle)
 
     @ray.method(num_returns=2)
-    def generate(self, prompts: list[Prompt], handle: WeightHandle | None) -> tuple[GenerationResult, RequestRows]:
-        """Sample and score one request: (its summary, its rows). Two return values, so the caller can hand the rows
+    def generate(self, prompts: list[Prompt], handle: WeightHandle | None) -> tuple[bytes, bytes]:
+        """Sample and score one request: (its summary, its rows), each as bytes (`GenerationResult.of` and
+        `RequestRows.of` read them; common/wire.py says why). Two return values, so the caller can hand the rows
         on to be stored before they exist (`start_request`) and read the summary alone; this actor submits no call
         of its own and goes straight on to its next request."""
         load_s = self.sync(handle)
@@ -69,7 +70,7 @@ class RolloutActor:
         rows = RequestRows(result.batch, result.skipped, result.judge_work)
         result.batch, result.judge_work = None, []  # the rows go on; only the summary returns to the launcher
         freeze_heap_once()  # after the first request: what it built lives as long as the actor
-        return result, rows
+        return result.to_bytes(), rows.to_bytes()
 
     def evaluate(self, prompts: list[Prompt], handle: WeightHandle | None) -> dict[str, float]:
         self.sync(handle)
@@ -101,8 +102,8 @@ class RolloutActor:
 
 
 def start_request(actor, sink, prompts: list[Prompt], handle: WeightHandle | None, request_id: str):
-    """One request on rollout `actor`: (the ObjectRef of its `GenerationResult`, the ObjectRef of `sink`'s answer
-    for its rows). The put is submitted now with the actor's second return value as its argument, before that
+    """One request on rollout `actor`: (the ObjectRef of its summary, `GenerationResult.of(ray.get(it))`, and the
+    ObjectRef of `sink`'s answer for its rows). The put is submitted now with the actor's second return value as its argument, before that
     exists: Ray sends the rows from the actor to `sink` (the buffer, or the judge service, which scores and then
     stores them) without the caller deserializing them. So the actor submits nothing itself (that submission, and
     an ObjectRef inside its answer, cost it ~0.6 ms a request: benchmarks.rollout), and the acknowledgement

@@ -32,13 +32,14 @@ from actors.judge import JudgeWork
 from actors.prompts import Prompt, PromptFormat, render_all
 from actors.rewards import Rewards
 from buffer.schema import FIELDS as ROLLOUT_FIELDS, rollout_batch
+from common.wire import Packed
 
 __all__ = ["GenerationResult", "Generator", "Prompt"]
 SAMPLES_PER_REQUEST = 2  # decoded rows a request hands back for the run's samples.jsonl
 UNSTORED = PromptFormat(apply_chat_template=False)  # prompts the launcher did not render: text stays text
 
 @dataclass
-class GenerationResult:
+class GenerationResult(Packed):  # a rollout actor returns it as bytes (common/wire.py); `GenerationResult.of` reads it
     batch: pa.RecordBatch | None  # whole groups, ROLLOUT_SCHEMA
     groups: int
     tokens: int

@@ -221,12 +221,13 @@ class JudgeService:
         self.faults.update(why for g in out for _, why in g if why)
         return out
 
-    async def put_rows(self, rows: RequestRows, request_id: str) -> int:
+    async def put_rows(self, rows: RequestRows | bytes, request_id: str) -> int:
         """Score the request's pending groups (`rows.judge_work`), then put its rows to the buffer under
         `request_id`: the buffer's answer (groups stored; -1 for a request already stored) is returned, as the
-        buffer's own `put_rows` returns. Rows no judge scores go straight on."""
+        buffer's own `put_rows` returns. Rows no judge scores go straight on, as they came."""
+        sent, rows = rows, RequestRows.of(rows)
         if not rows.judge_work:
-            return await self.buffer.put_rows.remote(rows, request_id)
+            return await self.buffer.put_rows.remote(sent, request_id)
         batch, work, skipped = rows.batch, rows.judge_work, rows.skipped
         if request_id in self.scoring:  # a re-issued copy while the first is being scored: that one answers
             await asyncio.shield(self.scoring[request_id])

@@ -29,6 +29,7 @@ import ray
 
 from actors.actor import make_rollout_actor, start_request
 from actors.config import ActorConfig
+from actors.generator import GenerationResult
 from actors.reward_config import RewardModelConfig
 from benchmarks.common import CACHE, default_job_model, module_main, result, spread
 from benchmarks.rollout import MAX_MODEL_LEN, make_requests, sink_buffer
@@ -74,7 +75,7 @@ def drive(actor, sink, requests: list, depth: int) -> dict:
     while inflight:
         [ref], _ = ray.wait(list(inflight), num_returns=1)
         del inflight[ref]
-        res = ray.get(ref)
+        res = GenerationResult.of(ray.get(ref))
         samples += res.groups * ActorConfig().n
         sampling += res.gen_s - res.score_s
         if pending:

@@ -30,7 +30,7 @@ import ray
 from actors.actor import make_rollout_actor, start_request
 from actors.config import ActorConfig
 from actors.engines import response_texts
-from actors.generator import Generator, Prompt
+from actors.generator import GenerationResult, Generator, Prompt
 from benchmarks.common import VLLM_ENV, build_bench_model, default_job_model, module_main, result, spread
 from buffer.actor import make_buffer_actor
 from buffer.config import BufferConfig
@@ -125,7 +125,7 @@ def relay_tokens_per_s(actors: list, buffer, requests: list[list[Prompt]], parts
     while inflight:
         [ref], _ = ray.wait(list(inflight), num_returns=1)
         actor = inflight.pop(ref)
-        res = ray.get(ref)
+        res = GenerationResult.of(ray.get(ref))
         tokens += res.tokens
         if parts is not None:
             parts["gen_s"] = parts.get("gen_s", 0.0) + res.gen_s

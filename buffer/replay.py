@@ -122,9 +122,11 @@ class ReplayBuffer:
             self._cond.notify_all()
         return stored
 
-    def put_rows(self, rows: RequestRows, request_id: str, timeout: float | None = None) -> int:
-        """`put` of one rollout request's rows (`RequestRows`, which a rollout actor returns and the launcher hands
-        on here by reference: the rows travel from the actor to this buffer, not through the launcher)."""
+    def put_rows(self, rows: RequestRows | bytes, request_id: str, timeout: float | None = None) -> int:
+        """`put` of one rollout request's rows (`RequestRows`, or its bytes as a rollout actor returns them and the
+        launcher hands them on here by reference: the rows travel from the actor to this buffer, not through the
+        launcher)."""
+        rows = RequestRows.of(rows)
         if rows.judge_work:
             raise ValueError(f"request {request_id}: {len(rows.judge_work)} judge(s) have not scored its rows yet; "
                              "send it through the judge service")

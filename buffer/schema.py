@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from common.wire import Packed
+
 SCHEMA_VERSION = 2  # bump when a field is added, removed or changes meaning; written into exported files
 
 ROLLOUT_SCHEMA = pa.schema(
@@ -105,10 +107,11 @@ def rollout_batch(columns: dict[str, list]) -> pa.RecordBatch:
 
 
 @dataclass
-class RequestRows:
+class RequestRows(Packed):
     """What one rollout request hands on to be stored: its whole groups as one record batch (None when every group
     was skipped), the groups it skipped by reason (the request's ledger entry), and the groups a judge service must
-    score first (`actors.judge.JudgeWork`, opaque here: the buffer refuses rows that still wait for a judge)."""
+    score first (`actors.judge.JudgeWork`, opaque here: the buffer refuses rows that still wait for a judge). A rollout
+    actor returns it as bytes (`to_bytes`, common/wire.py); `RequestRows.of` reads either form."""
 
     batch: pa.RecordBatch | None
     skipped: dict[str, int] = field(default_factory=dict)

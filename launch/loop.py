@@ -127,7 +127,7 @@ class Launcher:
     def _on_generate(self, ref, call: Call) -> None:
         req, ack = call.data
         try:
-            result: GenerationResult = ray.get(ref)
+            result = GenerationResult.of(ray.get(ref))
         except ray.exceptions.RayError as exc:
             return self._generation_failed(req, ack, exc)
         if self.fleet.holds(req.actor, req.generator_id):  # else: it was replaced meanwhile, its work still counts

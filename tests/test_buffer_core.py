@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import pickle
 
 import pyarrow as pa
 import pydantic
@@ -74,6 +75,19 @@ def test_put_rows_stores_a_request_once_and_refuses_rows_a_judge_has_not_scored(
     with pytest.raises(ValueError, match="judge"):
         buf.put_rows(RequestRows(fake_batch(["d"]), {}, judge_work=["pending"]), "r2")
     assert not buf.has_request("r2") and buf.stats()["size_groups"] == 2
+
+
+def test_put_rows_reads_the_bytes_a_rollout_actor_returns():
+    """A rollout actor returns its rows as one bytes value (common/wire.py): the buffer stores the same rows from it,
+    and anything else sent as rows is refused by name."""
+    buf = ReplayBuffer(BufferConfig(), groups_per_step=1)
+    sent = fake_batch(["a", "b"])
+    assert buf.put_rows(RequestRows(sent, {"prompt_empty": 1}).to_bytes(), "r0") == 2
+    assert buf.ledger()["requests"]["r0"]["skipped"] == {"prompt_empty": 1}
+    assert buf.sample(2, 0).to_pylist() == pa.Table.from_batches([sent]).sort_by("group_id").to_pylist()
+    with pytest.raises(TypeError, match="expected a RequestRows"):
+        buf.put_rows(pickle.dumps({"batch": sent}), "r1")
+    assert not buf.has_request("r1")
 
 
 def test_incomplete_group_never_served():

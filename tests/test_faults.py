@@ -388,7 +388,7 @@ def test_a_put_held_by_the_buffer_outlives_its_actor(tmp_path, tiny_model_dir):
 
     from actors.actor import make_rollout_actor, start_request
     from actors.config import ActorConfig
-    from actors.generator import Prompt
+    from actors.generator import GenerationResult, Prompt
     from buffer.actor import make_buffer_actor
     from buffer.config import BufferConfig
     from buffer.schema import RequestRows
@@ -402,7 +402,7 @@ def test_a_put_held_by_the_buffer_outlives_its_actor(tmp_path, tiny_model_dir):
         actor = make_rollout_actor(ActorConfig(n=2, max_tokens=4), "gen-put", model_path=tiny_model_dir,
                                    max_model_len=64, transport=None, fetch_timeout_s=30)
         ref, ack = start_request(actor, buffer, [Prompt("p", "1+2=", "3")], None, "req-x")
-        result = ray.get(ref, timeout=300)
+        result = GenerationResult.of(ray.get(ref, timeout=300))
         assert result.groups == 1 and result.batch is None  # the rows went on to the buffer, not back here
         # vLLM froze its start-up heap; the first request built ~45k more long-lived objects (first-use imports,
         # caches), which every full collection would rescan unless the actor froze them too

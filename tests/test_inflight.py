@@ -212,7 +212,7 @@ def test_rollout_actor_applies_offered_weights_during_a_request(transport_name, 
     from transformers import AutoModelForCausalLM
 
     from actors.actor import make_rollout_actor, start_request
-    from actors.generator import Prompt
+    from actors.generator import GenerationResult, Prompt
     from buffer.actor import make_buffer_actor
     from buffer.config import BufferConfig
     from launch.config import ModelConfig
@@ -245,7 +245,7 @@ def test_rollout_actor_applies_offered_weights_during_a_request(transport_name, 
             time.sleep(0.005)
         offer_s = ray.get(actor.offer_weights.remote(handle), timeout=60)  # runs while generate is running
         assert offer_s > 0
-        result = ray.get(request, timeout=120)
+        result = GenerationResult.of(ray.get(request, timeout=120))
         assert result.groups == len(PROMPTS) and result.load_s > 0 and ray.get(ack, timeout=60) == len(PROMPTS)
         assert ray.get(actor.version.remote()) == 1
         rows = rollouts_from_arrow(ray.get(buffer.sample.remote(len(PROMPTS), 1, 10)))
