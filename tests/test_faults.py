@@ -402,7 +402,9 @@ def test_a_put_held_by_the_buffer_outlives_its_actor(tmp_path, tiny_model_dir):
         actor = make_rollout_actor(ActorConfig(n=2, max_tokens=4), "gen-put", model_path=tiny_model_dir,
                                    max_model_len=64, transport=None, fetch_timeout_s=30)
         ref, ack = start_request(actor, buffer, [Prompt("p", "1+2=", "3")], None, "req-x")
-        result = GenerationResult.of(ray.get(ref, timeout=300))
+        sent = ray.get(ref, timeout=300)
+        assert isinstance(sent, bytes)  # Ray's raw path (common/wire.py)
+        result = GenerationResult.of(sent)
         assert result.groups == 1 and result.batch is None  # the rows went on to the buffer, not back here
         # vLLM froze its start-up heap; the first request built ~45k more long-lived objects (first-use imports,
         # caches), which every full collection would rescan unless the actor froze them too
