@@ -12,9 +12,15 @@ from actors.config import ActorConfig
 from actors.engines import actor_seed
 from actors.generator import Generator, Prompt
 from buffer.schema import RequestRows
-from common.heap import freeze_heap_once
+from common.heap import freeze_heap_once, set_young_threshold
 from common.seeding import seed_everything
 from transport.base import WeightHandle, WeightTransport
+
+
+# A request of the default job made 5.6 young collections (~0.3 ms, 1% of the request) that freed nothing: over
+# 200 requests they collected 0 objects, since what a request builds dies by reference counting. At 20,000 none ran
+# in 200 requests and peak memory did not change (timed by a gc.callbacks hook around Generator.generate).
+YOUNG_GC_THRESHOLD = 20_000
 
 
 class RolloutActor:
@@ -40,6 +46,7 @@ class RolloutActor:
         self.transport, self.fetch_timeout_s = transport, fetch_timeout_s
         attach_judges(self.gen, judges, local_judges, fetch_timeout_s)
         self._sync_lock = threading.Lock()  # in_flight: generate's sync and offer_weights run on two threads
+        set_young_threshold(YOUNG_GC_THRESHOLD)
         if transport is not None:
             transport.attach(self.gen)
 

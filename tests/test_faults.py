@@ -401,6 +401,8 @@ def test_a_put_held_by_the_buffer_outlives_its_actor(tmp_path, tiny_model_dir):
         ray.get([buffer.put.remote(fake_batch([g])) for g in ("a", "b")])  # the limiter now holds the next put
         actor = make_rollout_actor(ActorConfig(n=2, max_tokens=4), "gen-put", model_path=tiny_model_dir,
                                    max_model_len=64, transport=None, fetch_timeout_s=30)
+        young = lambda a: gc.get_stats()[0]["collections"]  # noqa: E731  (by value, into the actor)
+        young_before = ray.get(actor.__ray_call__.remote(young), timeout=300)
         ref, ack = start_request(actor, buffer, [Prompt("p", "1+2=", "3")], None, "req-x")
         sent = ray.get(ref, timeout=300)
         assert isinstance(sent, bytes)  # Ray's raw path (common/wire.py)
@@ -410,6 +412,8 @@ def test_a_put_held_by_the_buffer_outlives_its_actor(tmp_path, tiny_model_dir):
         # caches), which every full collection would rescan unless the actor froze them too
         tracked, frozen = ray.get(actor.__ray_call__.remote(lambda a: (len(gc.get_objects()), gc.get_freeze_count())))
         assert tracked < 5_000 < frozen, (tracked, frozen)
+        # and collects its young generation rarely (actors.actor.YOUNG_GC_THRESHOLD): 4 here, 120 at Python's 700
+        assert ray.get(actor.__ray_call__.remote(young)) - young_before < 20
         assert not ray.get(buffer.has_request.remote("req-x")) and not ray.wait([ack], timeout=0.5)[0]  # held
         ray.kill(actor, no_restart=True)
         _wait_dead(actor)
