@@ -61,6 +61,13 @@ def split_groups(batch: pa.RecordBatch) -> list[tuple[str, pa.RecordBatch]]:
     return out
 
 
+def row_bytes(batch: pa.RecordBatch) -> float:
+    """The bytes a row of `batch` holds on average; a group stored as a slice of it is counted its rows' share. The
+    slices share the batch's buffers, so the exact size of each (RecordBatch.nbytes: ~28 us a call whatever the size,
+    0.45 ms of a 16-group put) measures the memory it keeps alive no better."""
+    return batch.nbytes / batch.num_rows if batch.num_rows else 0.0
+
+
 def advantage_score(group: pa.RecordBatch) -> float:
     """Mean |reward - group mean|: how much a group-relative objective can learn from the group."""
     rewards = group.column("reward").to_pylist()  # a handful of values: Python beats three compute kernels

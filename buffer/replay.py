@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from buffer import persist, sampler
 from buffer.config import BufferConfig
-from buffer.groups import GroupAssembler, GroupEntry, advantage_score, as_rollout_batch, split_groups
+from buffer.groups import GroupAssembler, GroupEntry, advantage_score, as_rollout_batch, row_bytes, split_groups
 from buffer.limits import Admission, RateLimiter, RateMeter
 from buffer.rollout_log import RolloutLog
 from buffer.schema import RequestRows
@@ -104,7 +104,8 @@ class ReplayBuffer:
         TimeoutError after timeout seconds of that. Groups `buffer.filter` drops are recorded as the
         request's `filtered` (they give their admission slot back, like groups dropped stale).
         """
-        parts = split_groups(as_rollout_batch(batch)) if batch is not None else []  # outside the lock
+        batch = as_rollout_batch(batch) if batch is not None else None  # outside the lock
+        parts = split_groups(batch) if batch is not None else []
         with self._cond:
             if request_id is not None and request_id in self._requests:
                 self._counts["duplicate_puts"] += 1
@@ -115,7 +116,7 @@ class ReplayBuffer:
                     f"(inserts={self._limiter.inserts}, samples={self._limiter.samples}): is the learner sampling?"
                 )
             filtered_before = sum(self._filtered.values())
-            stored = self._add_parts(parts, offline=False)
+            stored = self._add_parts(parts, offline=False, per_row=row_bytes(batch) if parts else 0.0)
             if request_id is not None:
                 filtered = sum(self._filtered.values()) - filtered_before
                 self._requests[request_id] = {"stored": stored, "skipped": dict(skipped or {}), "filtered": filtered}
@@ -150,9 +151,10 @@ class ReplayBuffer:
         """
         from buffer.offline import read_offline
 
-        parts = split_groups(as_rollout_batch(read_offline(path)))
+        batch = as_rollout_batch(read_offline(path))
+        parts = split_groups(batch)
         with self._cond:
-            stored = self._add_parts(parts, offline=True)
+            stored = self._add_parts(parts, offline=True, per_row=row_bytes(batch))
             self._cond.notify_all()
         return stored
 
@@ -171,7 +173,7 @@ class ReplayBuffer:
             self._cond.notify_all()
             return len(self._offline_pool)
 
-    def _add_parts(self, parts: list[tuple[str, pa.RecordBatch]], offline: bool) -> int:
+    def _add_parts(self, parts: list[tuple[str, pa.RecordBatch]], offline: bool, per_row: float) -> int:
         for group_id, part in parts:  # checked before anything is stored, so a bad batch changes nothing
             if group_id in self._groups:
                 raise ValueError(f"group {group_id} is already complete in the buffer; got {part.num_rows} more rows")
@@ -179,18 +181,18 @@ class ReplayBuffer:
         for group_id, part in parts:
             group = self._assembler.add(group_id, part)
             if group is not None:
-                stored += self._store(group_id, group, offline)
+                stored += self._store(group_id, group, offline, round(per_row * group.num_rows))
         self._evict_to_capacity()
         return stored
 
-    def _store(self, group_id: str, group: pa.RecordBatch, offline: bool) -> int:
+    def _store(self, group_id: str, group: pa.RecordBatch, offline: bool, nbytes: int) -> int:
         version = int(min(group.column("policy_version").to_pylist()))
         if not offline and self._learner_version - version > self.cfg.max_staleness:
             self._drop_unserved(reason="stale_at_put", offline=offline)
             return 0
         if not offline and self._filters_out(group):
             return 0
-        entry = GroupEntry(group_id, group, version, self._next_seq, offline, advantage_score(group))
+        entry = GroupEntry(group_id, group, version, self._next_seq, offline, advantage_score(group), nbytes=nbytes)
         self._next_seq += 1
         self._add_entry(entry)
         if self._log is not None:

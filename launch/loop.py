@@ -71,17 +71,17 @@ class Launcher:
             if not self.calls.knows(ref):
                 self.calls.add(ref, "ready", self.cfg.ray.startup_timeout_s, (i, self.fleet.slots[i].generator_id))
 
-    def _schedule(self) -> None:
+    def _schedule(self) -> None:  # generation before learning: under a sync schedule a step waits for its batch
         self._watch_starting()
-        if not self.learning:
-            self._start_learning()
         self._start_eval()
         self._dispatch()
-        self.parts.ask_buffer_stats(self.calls, self.state.step)  # buffer.filter's rate, for the metrics line
         if self.fleet.places(self.cfg.actors.requests_per_actor) and not self.calls.has("admit") \
                 and self._admission_may_open():
             P, asked = self.cfg.actors.prompts_per_request, (self.state.step, self.releases, time.monotonic())
             self.calls.add(self.buffer.try_admit.remote(P, self.state.step), "admit", self.cfg.ray.rpc_timeout_s, asked)
+        if not self.learning:
+            self._start_learning()
+        self.parts.ask_buffer_stats(self.calls, self.state.step)  # buffer.filter's rate, for the metrics line
 
     def _dispatch(self) -> None:
         """Queued requests to actors with room (`actors.requests_per_actor` each); while an evaluation waits for
@@ -96,10 +96,8 @@ class Launcher:
     def _admission_may_open(self) -> bool:
         """After a refusal, ask again once the learner stepped or groups were given back (the buffer also frees
         slots when it drops stale groups, which only it sees: hence also once a second)."""
-        if self.refused_at is None:
-            return True
-        step, releases, at = self.refused_at
-        return (step, releases) != (self.state.step, self.releases) or time.monotonic() - at > 1.0
+        step, releases, at = self.refused_at or (None, None, None)
+        return at is None or (step, releases) != (self.state.step, self.releases) or time.monotonic() - at > 1.0
 
     def _start_eval(self) -> None:
         """A due evaluation goes to an idle actor only: a busy one would answer after its request."""
@@ -179,7 +177,7 @@ class Launcher:
             self.fleet.on_failure(req.actor, error)  # raises after actors.max_failures in a row
         self.calls.add(ack, "ack", self.cfg.ray.rpc_timeout_s, (req, None))
 
-    def _on_learn(self, ref, call: Call) -> dict:
+    def _on_learn(self, ref, call: Call | None) -> dict:
         try:
             results = ray.get(self.learning, timeout=self.cfg.ray.rpc_timeout_s)
         except ray.exceptions.RayActorError as exc:
@@ -194,6 +192,8 @@ class Launcher:
         if res["handle"] is not None:
             self.handle = res["handle"]
             self._offer_weights()
+        if call is not None:  # the next step's calls go out before this one is recorded (not when stopping)
+            self._schedule()
         record = step_record(self.state, self.policy_version, {**res["metrics"], **self.parts.filter_metrics()},
                              self.throughput.take(), self.last_load_s, self.fleet)
         self.log.log(record)

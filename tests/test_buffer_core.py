@@ -167,6 +167,17 @@ def test_oldest_version_eviction_and_byte_capacity():
     assert sorted(group_ids(buf.sample(2, 3, timeout=1))) == ["mid", "new"]
 
 
+def test_groups_of_one_put_count_their_rows_share_of_its_bytes():
+    """Groups stored as slices of one put's batch count its bytes by their rows (buffer.groups.row_bytes), in
+    all and as they leave: what capacity_bytes bounds."""
+    buf = ReplayBuffer(BufferConfig(capacity_groups=3, max_staleness=10), groups_per_step=1)
+    batch, late = fake_batch(["a", "b", "c"]), fake_batch(["d"])
+    buf.put(batch)
+    assert abs(buf.stats()["bytes"] - batch.nbytes) <= 3  # each group's share, rounded to a byte
+    buf.put(late)  # "a" is evicted: its third of the first batch leaves with it
+    assert abs(buf.stats()["bytes"] - (2 * batch.nbytes / 3 + late.nbytes)) <= 3
+
+
 @pytest.mark.parametrize("eviction, kept", [("fifo", ["v1", "x", "y"]), ("oldest_version", ["v2", "x", "y"])])
 def test_one_put_evicting_several_groups_evicts_them_in_order(eviction, kept):
     """A put that overflows by several groups evicts them in the eviction order (sorted once per put)."""
