@@ -192,16 +192,17 @@ class Launcher:
         if res["handle"] is not None:
             self.handle = res["handle"]
             self._offer_weights()
-        if call is not None:  # the next step's calls go out before this one is recorded (not when stopping)
-            self._schedule()
+        if (every := self.cfg.data.eval_every) and self.parts.eval_prompts and self.state.step % every == 0:
+            self.eval_due = self.state.step
+        k, going_on = self.cfg.learner.checkpoint_every, self.state.step < self.cfg.learner.total_steps
+        save = k and self.state.step % k == 0 and going_on
+        if call is not None and going_on and not (save or self.stop_requested):  # a checkpoint sees no new call
+            self._schedule()  # the next step's calls go out before this one is recorded
         record = step_record(self.state, self.policy_version, {**res["metrics"], **self.parts.filter_metrics()},
                              self.throughput.take(), self.last_load_s, self.fleet)
         self.log.log(record)
-        k = self.cfg.learner.checkpoint_every
-        if k and self.state.step % k == 0 and self.state.step < self.cfg.learner.total_steps:
+        if save:
             self.parts.checkpoint(self.state, self.log)
-        if (every := self.cfg.data.eval_every) and self.parts.eval_prompts and self.state.step % every == 0:
-            self.eval_due = self.state.step
         return record
 
     def _on_evaluate(self, ref, call: Call) -> None:
@@ -265,8 +266,7 @@ class Launcher:
                 for ref, call in self.calls.overdue():
                     self._on_overdue(ref, call)
                 self.parts.publish_fleet(self.log, self.state)
-            if self.stop_requested:
-                history += self._stop_learning()
+            history += self._stop_learning() if self.stop_requested else []
             self._drain()
         finally:
             self.parts.publish_fleet(self.log, self.state)  # also the events of a failing run: they say why it stopped
