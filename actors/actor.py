@@ -110,12 +110,12 @@ class RolloutActor:
 
 def start_request(actor, sink, prompts: list[Prompt], handle: WeightHandle | None, request_id: str):
     """One request on rollout `actor`: (the ObjectRef of its summary, `GenerationResult.of(ray.get(it))`, and the
-    ObjectRef of `sink`'s answer for its rows). The put is submitted now with the actor's second return value as its argument, before that
-    exists: Ray sends the rows from the actor to `sink` (the buffer, or the judge service, which scores and then
-    stores them) without the caller deserializing them. So the actor submits nothing itself (that submission, and
-    an ObjectRef inside its answer, cost it ~0.6 ms a request: benchmarks.rollout), and the acknowledgement
-    belongs to the caller: it still arrives when the actor dies after returning. The put carries `request_id`,
-    so the sink refuses a second copy of a request re-issued after its actor was taken for dead."""
+    ObjectRef of `sink`'s answer for its rows). The put is submitted now with the actor's second return value as its
+    argument, before that exists: Ray sends the rows from the actor to `sink` (the buffer, or the judge service,
+    which scores and then stores them) without the caller deserializing them. So the actor submits nothing itself
+    (that submission, and an ObjectRef inside its answer, cost it ~0.6 ms a request: benchmarks.rollout), and the
+    acknowledgement belongs to the caller: it still arrives when the actor dies after returning. The put carries
+    `request_id`, so the sink refuses a second copy of a request re-issued after its actor was taken for dead."""
     summary, rows = actor.generate.remote(prompts, handle)
     return summary, sink.put_rows.remote(rows, request_id)
 
