@@ -32,13 +32,17 @@ class Admission:
             return 1 << 62
         return (learner_version + self.max_staleness + 1) * self.groups_per_step - self.admitted
 
-    def try_admit(self, n_groups: int, learner_version: int) -> bool:
-        if n_groups < 0:
-            raise ValueError(f"n_groups must be >= 0, got {n_groups}")
-        if n_groups > self.capacity(learner_version):
-            return False
-        self.admitted += n_groups
-        return True
+    def reserve(self, n_groups: int, learner_version: int, ahead: int = 0) -> int | None:
+        """The first learner version, from `learner_version` to `ahead` versions later, at which n_groups more
+        groups may start (counted as admitted), or None. Groups reserved at a later version must not start before
+        the learner reaches it: then the bound holds for them as for any other."""
+        if n_groups < 0 or ahead < 0:
+            raise ValueError(f"n_groups and ahead must be >= 0, got {n_groups} and {ahead}")
+        for version in range(learner_version, learner_version + ahead + 1):
+            if n_groups <= self.capacity(version):
+                self.admitted += n_groups
+                return version
+        return None
 
     def release(self, n_groups: int) -> None:
         # Clamped: offline data and groups put without admission must not drive the count negative.

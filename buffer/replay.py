@@ -82,9 +82,20 @@ class ReplayBuffer:
     def try_admit(self, n_groups: int, learner_version: int) -> bool:
         """Whether a generator may start n_groups more groups now that the learner has taken `learner_version`
         steps (counts them if so); False = wait for a later version or a release."""
+        return self.reserve(n_groups, learner_version) is not None
+
+    def reserve(self, n_groups: int, learner_version: int, ahead: int = 0) -> int | None:
+        """The learner version from which a generator may start n_groups more groups: `learner_version` if they
+        fit now, else up to `ahead` versions later (the launcher holds that request until the learner gets
+        there, so under a sync schedule the next step's admission is asked while this step trains), or None:
+        wait for a later version or a release. Counted as admitted unless None. The buffer's clock moves to
+        `learner_version` only: a reservation is not a step."""
         with self._cond:
             self._advance(learner_version)
-            return self._admission.try_admit(n_groups, self._learner_version)
+            version = self._admission.reserve(n_groups, self._learner_version, ahead)
+            if version is not None and version > self._learner_version:
+                self._counts["reserved_ahead"] += n_groups
+            return version
 
     def release(self, n_groups: int) -> None:
         """Give back admission slots of groups that will never arrive (actor died, prompts skipped)."""

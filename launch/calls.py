@@ -53,6 +53,14 @@ class Calls:
         late = [ref for ref, c in self._calls.items() if now > c.deadline]
         return [(ref, self._calls.pop(ref)) for ref in late]
 
+    def settle(self, kind: str, timeout_s: float, handler) -> None:
+        """Wait up to `timeout_s` for the calls of this kind and hand each that finished to `handler(ref, call)`,
+        as the event loop would: for a checkpoint, which must see what they changed."""
+        refs = [ref for ref, c in self._calls.items() if c.kind == kind]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+        for ref in ready:
+            handler(ref, self._calls.pop(ref))
+
     def drop(self, *kinds: str) -> None:
         """Stop waiting for calls of these kinds (their results are never read)."""
         for ref in [ref for ref, c in self._calls.items() if c.kind in kinds]:

@@ -39,8 +39,7 @@ class Launcher:
         self.buffer, self.ranks, self.transport = self.parts.buffer, self.parts.ranks, self.parts.transport
         self.state = self.parts.initial_state()
         self.handle: WeightHandle | None = None  # the newest published weights
-        self.start_step, self.serving_path, self.resumed_from = 0, model_path, None
-        self.calls = Calls()
+        self.calls, self.start_step, self.serving_path, self.resumed_from = Calls(), 0, model_path, None
         self.queue: deque[str] = deque()  # admitted requests waiting for an actor (re-issues first)
         self.learning: list = []  # the learner ranks' ObjectRefs of the step under way
         self.eval_due: int | None = None  # the step whose held-out evaluation waits for an idle actor
@@ -50,8 +49,11 @@ class Launcher:
                          "generate": self._on_generate, "ack": self._on_ack, "recorded": self._on_recorded,
                          "learn": self._on_learn, "evaluate": self._on_evaluate, "offer": self._on_offer,
                          "stats": self.parts.on_buffer_stats}
-        if resume:
-            self._restore(checkpoint.latest(run_dir))
+        if resume:  # from the checkpoint's weights; its open requests that the buffer did not record go first
+            path = checkpoint.latest(run_dir)
+            self.state = self.parts.restore(path, fleet_size=self.state.rollout_actors)
+            self.start_step, self.resumed_from, self.serving_path = self.state.step, str(path), str(path / "model")
+            self.queue = deque(self.state.requests)
         self.fleet = self.parts.fleet(self._new_actor)
         self.fleet.scale_to(self.state.rollout_actors)
 
@@ -75,18 +77,23 @@ class Launcher:
         self._watch_starting()
         self._start_eval()
         self._dispatch()
-        if self.fleet.places(self.cfg.actors.requests_per_actor) and not self.calls.has("admit") \
-                and self._admission_may_open():
-            P, asked = self.cfg.actors.prompts_per_request, (self.state.step, self.releases, time.monotonic())
-            self.calls.add(self.buffer.try_admit.remote(P, self.state.step), "admit", self.cfg.ray.rpc_timeout_s, asked)
+        if len(self.fleet.places(self.cfg.actors.requests_per_actor)) > len(self.queue) \
+                and not self.calls.has("admit") and self._admission_may_open():
+            asked = (self.state.step, self.releases, time.monotonic())
+            ahead = int(self.state.step + 1 < self.cfg.learner.total_steps)  # a sync run's next step, as this trains
+            admit = self.buffer.reserve.remote(self.cfg.actors.prompts_per_request, self.state.step, ahead)
+            self.calls.add(admit, "admit", self.cfg.ray.rpc_timeout_s, asked)
         if not self.learning:
             self._start_learning()
         self.parts.ask_buffer_stats(self.calls, self.state.step)  # buffer.filter's rate, for the metrics line
 
-    def _dispatch(self) -> None:
-        """Queued requests to actors with room (`actors.requests_per_actor` each); while an evaluation waits for
-        an idle actor, the first live one gets no more, so it drains."""
+    def _dispatch(self, early: bool = False) -> None:
+        """Queued requests to actors with room (`actors.requests_per_actor` each) once the learner reached the step
+        each was admitted for (`early`: now, the run winds down); while an evaluation waits for an idle actor, the
+        first live one gets no more, so it drains."""
         for i in self.fleet.places(self.cfg.actors.requests_per_actor, self.eval_due is not None)[:len(self.queue)]:
+            if self.state.requests[self.queue[0]].start_step > self.state.step and not early:
+                break  # reserved a step ahead (`buffer.reserve`): it starts with the weights that step publishes
             req = self.state.requests[self.queue.popleft()]
             req.actor, req.generator_id = i, self.fleet.slots[i].generator_id
             req.attempts, req.offered_version = req.attempts + 1, self.policy_version
@@ -114,8 +121,8 @@ class Launcher:
         self.calls.add(self.learning[0], "learn", self.cfg.ray.rpc_timeout_s + L.sample_timeout_s)
 
     def _on_admit(self, ref, call: Call) -> None:
-        if ray.get(ref):
-            req = self.state.new_request(self.parts.stream.take(self.cfg.actors.prompts_per_request))
+        if (start_step := ray.get(ref)) is not None:
+            req = self.state.new_request(self.parts.stream.take(self.cfg.actors.prompts_per_request), start_step)
             self.queue.append(req.id)
             self.refused_at = None
             self._dispatch()  # now: the run may end before the next turn, and admitted groups must not wait
@@ -169,10 +176,8 @@ class Launcher:
 
     def _generation_failed(self, req: Request, ack, error: BaseException) -> None:
         """Replace the actor, then re-issue its request unless its put landed (the ack says, or else the buffer)."""
-        if self.parts.push_backend is not None:  # the generators joined the transfer group at start
-            raise RuntimeError(f"rollout actor {req.generator_id} failed ({error}); with "
-                               f"weights.transport={self.cfg.weights.transport} the fleet is fixed at start, so it "
-                               "cannot be replaced: use object_store or disk for restartable generators") from error
+        if (fixed := self.parts.fixed_fleet(req.generator_id, error)) is not None:
+            raise fixed from error
         if self.fleet.holds(req.actor, req.generator_id):  # its other queued requests fail the same way: once
             self.fleet.on_failure(req.actor, error)  # raises after actors.max_failures in a row
         self.calls.add(ack, "ack", self.cfg.ray.rpc_timeout_s, (req, None))
@@ -183,9 +188,7 @@ class Launcher:
         except ray.exceptions.RayActorError as exc:
             raise learner_died(self.cfg, self.run_dir, f"step {self.state.step + 1}") from exc
         if (res := results[0]) is None:
-            raise TimeoutError(f"learner step {self.state.step + 1}: the buffer served no batch within "
-                               f"{self.cfg.learner.sample_timeout_s}s (generators stalled or all prompts skipped"
-                               f"{self.parts.filter_hint()})")
+            raise self.parts.no_batch(self.state.step + 1)
         self.learning, self.state.step = [], res["step"]
         self.state.trained.update(res["group_ids"])
         self.parts.check_mismatch(res.get("mismatch") or {}, self.state.step, self.log)
@@ -202,8 +205,12 @@ class Launcher:
                              self.throughput.take(), self.last_load_s, self.fleet)
         self.log.log(record)
         if save:
-            self.parts.checkpoint(self.state, self.log)
+            self._checkpoint()
         return record
+
+    def _checkpoint(self) -> None:  # an admission on its way is counted in the buffer: the state must hold it too
+        self.calls.settle("admit", self.cfg.ray.rpc_timeout_s, self._on_admit)
+        self.parts.checkpoint(self.state, self.log)
 
     def _on_evaluate(self, ref, call: Call) -> None:
         index, step, generator_id = call.data
@@ -215,8 +222,8 @@ class Launcher:
             self.fleet.on_idle(index)
 
     def _offer_weights(self) -> None:
-        """in_flight mode: every live engine applies the new version now, mid-generation. (The handle also goes
-        with every request, which covers actors started later and offers that failed.)"""
+        """in_flight mode: every live engine applies the new version now, mid-generation (the handle also goes
+        with every request, for actors started later and offers that failed)."""
         if self.cfg.actors.weight_update_mode == "in_flight":
             for ref, actor in self.fleet.offer_weights(self.handle).items():
                 self.calls.add(ref, "offer", self.cfg.weights.timeout_s, actor)
@@ -245,19 +252,12 @@ class Launcher:
             raise TimeoutError(f"{call.kind} (learner step {self.state.step + 1}) {late} "
                                "(ray.rpc_timeout_s, + learner.sample_timeout_s for a learner step)")
 
-    def _restore(self, path: Path) -> None:
-        saved = self.parts.restore(path)  # open at the checkpoint and not recorded by the buffer: re-issued
-        saved.rollout_actors = self.state.rollout_actors  # the config's fleet size, not the one scaled to
-        self.state, self.start_step, self.resumed_from = saved, saved.step, str(path)
-        self.serving_path, self.queue = str(path / "model"), deque(saved.requests)  # the checkpoint's weights
-
     def run(self) -> dict:
-        cfg = self.cfg
         self.parts.await_learner(self.fleet)
         self.log, history = self.parts.open_log(self.start_step, self.resumed_from)
         t0, self.throughput = time.perf_counter(), Throughput()
         try:
-            while self.state.step < cfg.learner.total_steps and not self.stop_requested:
+            while self.state.step < self.cfg.learner.total_steps and not self.stop_requested:
                 self.stop_requested = self.parts.apply_control(self.state) or self.stop_requested
                 self._schedule()
                 for ref, call in self.calls.wait(timeout_s=1.0):
@@ -282,7 +282,7 @@ class Launcher:
             ray.wait([self.learning[0]], timeout=self.cfg.ray.rpc_timeout_s + self.cfg.learner.sample_timeout_s)
             records.append(self._on_learn(self.learning[0], None))
         if self.cfg.learner.checkpoint_every:
-            self.parts.checkpoint(self.state, self.log)
+            self._checkpoint()
         self.log.event({"step": self.state.step, "event": "stopped"})
         return records
 
@@ -295,6 +295,6 @@ class Launcher:
                 self.fleet.slots and (self.eval_due is not None or self.queue))):
             self._watch_starting()
             self._start_eval()
-            self._dispatch()
+            self._dispatch(early=True)
             for ref, call in self.calls.wait(timeout_s=1.0):
                 self.handlers[call.kind](ref, call)

@@ -206,10 +206,11 @@ class RunParts:
             raise learner_died(cfg, self.run_dir, f"the checkpoint of step {state.step}") from exc
         log.event({"step": state.step, "event": "checkpoint", "path": str(path)})
 
-    def restore(self, path: Path) -> RunState:
+    def restore(self, path: Path, fleet_size: int) -> RunState:
         """Start-up of a resumed run, before any rollout actor exists (blocking calls are fine here): learner
         ranks, buffer and data position from checkpoint `path`. The returned state keeps only the requests
-        that were open at the checkpoint and that the buffer did not record: those are re-issued."""
+        that were open at the checkpoint and that the buffer did not record: those are re-issued. Its fleet is
+        `fleet_size` actors (the config's), not the size a run was scaled to."""
         from launch import checkpoint
         from launch.state import RunState
 
@@ -225,6 +226,7 @@ class RunParts:
         for request_id, done in zip(list(saved.requests), recorded):
             if done:
                 del saved.requests[request_id]
+        saved.rollout_actors = fleet_size
         return saved
 
     def ask_buffer_stats(self, calls, step: int) -> None:
@@ -266,15 +268,25 @@ class RunParts:
         return {"filter_rate": s["filter_rate"], "filter_rate_recent": self._recent_filter_rate,
                 f"filtered/{f}": s[f"filtered_{f}"], "filter_checked": s["filter_checked"]}
 
-    def filter_hint(self) -> str:
-        """For the error of a learner step that got no batch: whether buffer.filter ate the groups."""
-        f = self.cfg.buffer.filter
-        if f == "none":
-            return ""
-        s = ray.get(self.buffer.stats.remote(), timeout=self.cfg.ray.rpc_timeout_s)
-        return (f"; buffer.filter={f} dropped {s[f'filtered_{f}']:.0f} of the {s['filter_checked']:.0f} groups it "
-                f"checked ({s['filter_rate']:.0%}): prompts the policy always or never solves leave nothing to "
-                "train on; set buffer.filter none, or train on harder/easier prompts")
+    def no_batch(self, step: int) -> TimeoutError:
+        """The error of a learner step that got no batch, saying whether buffer.filter ate the groups."""
+        hint, f = "", self.cfg.buffer.filter
+        if f != "none":
+            s = ray.get(self.buffer.stats.remote(), timeout=self.cfg.ray.rpc_timeout_s)
+            hint = (f"; buffer.filter={f} dropped {s[f'filtered_{f}']:.0f} of the {s['filter_checked']:.0f} groups "
+                    f"it checked ({s['filter_rate']:.0%}): prompts the policy always or never solves leave nothing "
+                    "to train on; set buffer.filter none, or train on harder/easier prompts")
+        return TimeoutError(f"learner step {step}: the buffer served no batch within "
+                            f"{self.cfg.learner.sample_timeout_s}s (generators stalled or all prompts skipped{hint})")
+
+    def fixed_fleet(self, generator_id: str, error: BaseException) -> RuntimeError | None:
+        """The error that ends a run when a rollout actor fails and the weight transport cannot take a
+        replacement (the generators joined its transfer group at start), else None."""
+        if self.push_backend is None:
+            return None
+        return RuntimeError(f"rollout actor {generator_id} failed ({error}); with weights.transport="
+                            f"{self.push_backend} the fleet is fixed at start, so it cannot be replaced: use "
+                            "object_store or disk for restartable generators")
 
     def summary(self, state: RunState, history: list[dict], wall_s: float, start_step: int, stopped: bool) -> dict:
         """summary.json: the run's outcome, the final weights, and the ledger of every group dispatched."""

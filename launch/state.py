@@ -25,11 +25,12 @@ class Request:
     generator_id: str = ""  # the actor of the current attempt (a slot's failed actor is replaced under a new id)
     attempts: int = 0
     offered_version: int = 0  # the newest weights the current attempt was sent with
+    start_step: int = 0  # the learner step it may start at: admission can reserve one step ahead
 
     @classmethod
     def from_json(cls, d: dict) -> Request:
         return cls(d["id"], [Prompt(**p) for p in d["prompts"]], d.get("actor", -1), d.get("generator_id", ""),
-                   d.get("attempts", 0), d.get("offered_version", 0))
+                   d.get("attempts", 0), d.get("offered_version", 0), d.get("start_step", 0))
 
 
 COUNTERS = ("skipped", "reward_faults", "trained", "dispatched_by_source", "skipped_by_source")
@@ -50,8 +51,8 @@ class RunState:
     dispatched_by_source: Counter = field(default_factory=Counter)  # data_source -> groups dispatched
     skipped_by_source: Counter = field(default_factory=Counter)  # data_source -> groups skipped (at load, generating)
 
-    def new_request(self, prompts: list[Prompt]) -> Request:
-        req = Request(f"req-{self.request_seq:09d}", prompts)
+    def new_request(self, prompts: list[Prompt], start_step: int = 0) -> Request:
+        req = Request(f"req-{self.request_seq:09d}", prompts, start_step=start_step)
         self.request_seq += 1
         self.groups_dispatched += len(prompts)
         self.dispatched_by_source.update(p.data_source for p in prompts if p.data_source)

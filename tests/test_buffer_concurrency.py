@@ -112,3 +112,20 @@ def test_actor_blocked_sample_does_not_block_puts(ray_cluster):
     assert ray.get(buffer.put.remote(fake_batch(["x", "y"]))) == 2
     assert ray.get(waiting, timeout=30).num_rows == 2 * GROUP_SIZE
     ray.kill(buffer)
+
+
+def test_a_checkpoint_first_takes_the_admission_the_buffer_already_counted(ray_cluster):
+    """launch.calls.Calls.settle, which the launcher runs before each checkpoint: an admission answered but not
+    yet read is handled (the buffer counted its groups, so the launcher's state must hold its request), and the
+    other calls stay where they are."""
+    from launch.calls import Calls
+
+    buffer = make_buffer_actor(BufferConfig(max_staleness=0), groups_per_step=2, run_dir=None)
+    calls, seen = Calls(), []
+    assert ray.get(buffer.reserve.remote(2, 0)) == 0  # this step's groups
+    calls.add(buffer.reserve.remote(2, 0, 1), "admit", 30, "asked at 0")  # the next step's, reserved
+    calls.add(buffer.sample.remote(2, 0, 30), "learn", 60)  # blocked: no groups yet
+    calls.settle("admit", 30, lambda ref, call: seen.append((ray.get(ref), call.data)))
+    assert seen == [(1, "asked at 0")] and not calls.has("admit") and calls.has("learn")
+    assert ray.get(buffer.stats.remote())["admitted"] == 4
+    ray.kill(buffer)

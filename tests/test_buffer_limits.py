@@ -62,6 +62,21 @@ def test_sync_mode_alternates_generation_and_training():
     assert buf.stats()["staleness_hist_0"] == 2 * steps
 
 
+def test_a_reservation_one_step_ahead_keeps_the_bound_and_does_not_move_the_clock():
+    buf = ReplayBuffer(BufferConfig(max_staleness=0), groups_per_step=2)
+    assert buf.reserve(2, 0, ahead=1) == 0  # fits now: no waiting
+    assert buf.reserve(2, 0, ahead=0) is None  # this step's window is full...
+    assert buf.reserve(2, 0, ahead=1) == 1  # ...the next step's is not: start once the learner is at 1
+    assert buf.reserve(1, 0, ahead=1) is None  # and no further than `ahead`
+    assert buf.stats()["reserved_ahead"] == 2 and buf.stats()["admitted"] == 4
+    # the reservation is not a step: groups of version 0 are still fresh for the learner at 0
+    buf.put(fake_batch(["a", "b"], policy_version=0))
+    assert buf.stats()["drops_stale_at_put"] == 0 and buf.stats()["learner_version"] == 0
+    assert buf.sample(2, 0, timeout=1).num_rows == 2 * len(fake_batch(["x"]))
+    with pytest.raises(ValueError, match="ahead"):
+        buf.reserve(1, 1, ahead=-1)
+
+
 def test_stale_drop_gives_admission_slot_back():
     buf = ReplayBuffer(BufferConfig(max_staleness=0), groups_per_step=1)
     assert buf.try_admit(1, 0)

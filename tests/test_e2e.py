@@ -68,6 +68,9 @@ def test_sync_mode_has_zero_staleness(tmp_path, tiny_model_dir):
     assert len(rows) == 8
     assert all(r["staleness_max"] == 0 for r in rows)
     assert summary["buffer"]["drops_stale_at_sample"] == 0  # one actor: admission alone keeps every group fresh
+    # every request after the first was admitted while the step before it trained (buffer.reserve, one step
+    # ahead) and held until that step ended: fresh, yet no admission call between a step and the next generation
+    assert summary["buffer"]["reserved_ahead"] == 8 * 7
     assert [r["behaviour_version_max"] for r in rows] == list(range(8))  # each step trains on the previous step's weights
     # every token was sampled by the weights the learner held: the generator served exactly what was published
     assert all(r["mismatch_tokens"] == r["tokens"] for r in rows), [(r["mismatch_tokens"], r["tokens"]) for r in rows]

@@ -12,14 +12,14 @@ from launch.state import RunState
 def test_run_state_survives_json_whole():
     state = RunState(step=7, stream={"epoch": 1, "index": 3}, rollout_actors=2)
     open_req = state.new_request([Prompt("p1", "1+1=", "2"), Prompt("p2", "2+2=", "4")])
-    done = state.new_request([Prompt("p3", "3+3=", "6")])
+    done = state.new_request([Prompt("p3", "3+3=", "6")], start_step=8)  # reserved a step ahead
     del state.requests[done.id]  # acknowledged: no longer open
-    open_req.attempts, open_req.offered_version = 2, 6
+    open_req.attempts, open_req.offered_version, open_req.start_step = 2, 6, 7
     state.skipped.update({"prompt_too_long": 3})
     state.reward_faults.update({"nan": 1})
     state.trained.update(["g1", "g1", "g2"])
     restored = RunState.from_json(json.loads(json.dumps(state.to_json())))
-    assert restored == state
+    assert restored == state and restored.requests[open_req.id].start_step == 7
     assert restored.requests[open_req.id].prompts[1] == Prompt("p2", "2+2=", "4")
     assert restored.trained["g1"] == 2 and restored.skipped["prompt_too_long"] == 3
     assert (restored.request_seq, restored.groups_dispatched) == (2, 3)  # ids keep counting after a resume
