@@ -195,3 +195,16 @@ def module_main(run, doc: str) -> None:
     quick = parser.parse_args().quick
     ray_start()
     print(json.dumps(run(quick)))
+
+
+def rss_gib(field: str) -> float | None:
+    """VmRSS (now) or VmHWM (high-water mark) of this process, GiB, from /proc/self/status (Linux; else None).
+    VmHWM belongs to the process's address space, which execve replaces: unlike ru_maxrss, which Linux keeps across
+    execve, a fresh subprocess's VmHWM does not start at the high-water mark of the process that forked it."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) * 1024 / 2**30, 3)
+    except OSError:
+        pass
+    return None

@@ -9,7 +9,8 @@ and through the straightforward path: the causal LM's full (B, L, V) logits, an 
 and its exp for the entropy, every row padded to the step's longest, no checkpointing, torch AdamW.
 
 Each (path, length) runs in a fresh subprocess, so its peak is its own: the process's high-water resident
-memory (ru_maxrss) on CPU, the CUDA allocator's peak on a GPU. Both paths take a warm-up step (the first
+memory on CPU (VmHWM; not ru_maxrss, which a subprocess inherits from the process that started it), the CUDA
+allocator's peak on a GPU. Both paths take a warm-up step (the first
 allocates the optimizer state) and time the second; each path runs `--repeats` times per length (2; alternating
 order), medians reported. tokens/s counts the non-padding tokens of the forward
 pass (prompt + response); MFU = 6 * params * tokens/s / peak FLOP/s (recomputation not counted, as usual).
@@ -32,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import CACHE, result
+from benchmarks.common import CACHE, result, rss_gib
 
 VOCAB = 151_936
 PROMPT_LEN = 64
@@ -159,7 +160,12 @@ def child(args) -> dict:
     secs = time.perf_counter() - t0
     params = sum(p.numel() for p in module.parameters())  # tied head counted once
     tokens = int(batch.attention_mask.sum())
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child would start at the high-water mark of
+    # the benchmark runner that forked it (2.6-2.7 GiB after the benchmarks before it), and both paths' short steps
+    # read that floor instead of their own peak
+    hwm = None if cuda else rss_gib("VmHWM")
+    peak = (torch.cuda.max_memory_allocated() if cuda else hwm * 2**30 if hwm is not None
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"path": args.path, "length": args.length, "rows": args.rows, "step_s": round(secs, 3),
             "tokens": tokens, "tokens_per_s": round(tokens / secs, 1), "peak_gib": round(peak / 2**30, 3),
             "params": params, "mfu": float(f"{6 * params * tokens / secs / args.peak_flops:.4g}"),

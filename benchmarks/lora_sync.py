@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import rss_gib
+
 RANK = 16  # learner.lora.rank, on all seven projections (the default target_modules)
 MODES = ("full", "lora_adapter", "lora_merged")
 
@@ -99,14 +101,14 @@ def child(mode: str, model_path: str, response_len: int) -> dict:
                       MASTER_PORT=str(port))
     learner = Learner(_learner_config(mode, response_len), model_path, group_size=8, temperature=1.0)
     batch = _in_vocabulary(fake_group_fast("g", 8, response_len=response_len, prompt_len=16), model_path)
-    before = _rss_gib("VmRSS")
+    before = rss_gib("VmRSS")
     reset = _reset_peak()  # from here the high-water mark is the steps', not model loading's transient copies
     learner.train_step(batch)
     t0 = time.perf_counter()
     learner.train_step(batch)
     trainable = sum(p.numel() for p in learner.engine.module.parameters() if p.requires_grad)
     return {"mode": mode, "step_s": round(time.perf_counter() - t0, 3), "trainable_params": trainable,
-            "peak_gib": _rss_gib("VmHWM") if reset else round(
+            "peak_gib": rss_gib("VmHWM") if reset else round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3),
             "peak_is": "steps" if reset else "process", "rss_before_steps_gib": before}
 
@@ -119,17 +121,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def _rss_gib(field: str) -> float | None:
-    """VmRSS (now) or VmHWM (high-water mark) of this process, GiB, from /proc/self/status."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return round(int(line.split()[1]) * 1024 / 2**30, 3)
-    except OSError:
-        pass
-    return None
 
 
 def measure_memory(model_path: str, response_len: int, repeats: int) -> list[dict]:

@@ -96,6 +96,21 @@ def test_learner_memory_quick_rows_and_no_ray_vllm_or_pyarrow():
     assert samples[0]["relay_mfu"] > 0 and samples[0]["params"] > 151_936 * 64
 
 
+def test_a_subprocess_peak_is_its_own_not_its_parents(tmp_path):
+    """learner_memory's children report VmHWM: a child started by a process holding 0.75 GiB peaks far below it
+    (ru_maxrss, which Linux keeps across execve, read the parent's mark: both paths then showed one floor)."""
+    from benchmarks.common import rss_gib
+
+    if rss_gib("VmHWM") is None:
+        pytest.skip("no /proc/self/status here")
+    held = bytearray(3 * 2**28)  # 0.75 GiB, every page touched
+    held[::4096] = b"x" * len(held[::4096])
+    code = "from benchmarks.common import rss_gib; print(rss_gib('VmHWM'))"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert rss_gib("VmHWM") > 0.75 and child < 0.25, (rss_gib("VmHWM"), child)
+    del held
+
+
 def test_plain_linear_quick_rows_agree_with_f_linear():
     """The plain layout's matmul diagnostic: every tiny-model shape timed three ways plus the pack, and the plain
     matmul (oneDNN on the live weight where torch has it) gives F.linear's numbers."""
