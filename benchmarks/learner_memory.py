@@ -163,9 +163,12 @@ def child(args) -> dict:
     # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child would start at the high-water mark of
     # the benchmark runner that forked it (2.6-2.7 GiB after the benchmarks before it), and both paths' short steps
     # read that floor instead of their own peak
-    hwm = None if cuda else rss_gib("VmHWM")
-    peak = (torch.cuda.max_memory_allocated() if cuda else hwm * 2**30 if hwm is not None
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    elif (hwm := rss_gib("VmHWM")) is not None:
+        peak = hwm * 2**30
+    else:  # no /proc (not Linux): ru_maxrss, the only mark there
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"path": args.path, "length": args.length, "rows": args.rows, "step_s": round(secs, 3),
             "tokens": tokens, "tokens_per_s": round(tokens / secs, 1), "peak_gib": round(peak / 2**30, 3),
             "params": params, "mfu": float(f"{6 * params * tokens / secs / args.peak_flops:.4g}"),

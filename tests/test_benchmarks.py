@@ -96,7 +96,7 @@ def test_learner_memory_quick_rows_and_no_ray_vllm_or_pyarrow():
     assert samples[0]["relay_mfu"] > 0 and samples[0]["params"] > 151_936 * 64
 
 
-def test_a_subprocess_peak_is_its_own_not_its_parents(tmp_path):
+def test_a_subprocess_peak_is_its_own_not_its_parents():
     """learner_memory's children report VmHWM: a child started by a process holding 0.75 GiB peaks far below it
     (ru_maxrss, which Linux keeps across execve, read the parent's mark: both paths then showed one floor)."""
     from benchmarks.common import rss_gib
